@@ -1,0 +1,1 @@
+"""Signed reports (TPM quotes, TDX quotes), their verification, and evidence bundles. Pure."""
