@@ -1,0 +1,69 @@
+"""What every command shares: JSON output, reading inputs, hex arguments, failures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from cima.errors import CimaError
+
+#: Human output: tables and progress on stdout, diagnostics on stderr.
+out = Console(soft_wrap=False)
+err = Console(stderr=True)
+
+#: Largest input file a command reads whole (a measurement log, a quote, a bundle).
+MAX_INPUT = 512 * 1024 * 1024
+
+
+class UsageError(CimaError):
+    """Bad arguments or unreadable input: exit status 2."""
+
+
+class VerificationFailed(CimaError):
+    """A verification that ran and said no: exit status 1."""
+
+
+def emit_json(obj: Any) -> None:
+    """Print exactly one JSON document on stdout."""
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+def read_input(path: str, *, limit: int = MAX_INPUT) -> bytes:
+    """Read a whole input file (``-`` is stdin), refusing one larger than ``limit``."""
+    if path == "-":
+        data = sys.stdin.buffer.read(limit + 1)
+    else:
+        p = Path(path)
+        try:
+            with p.open("rb") as f:
+                data = f.read(limit + 1)
+        except FileNotFoundError:
+            raise UsageError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise UsageError(f"{path}: is a directory") from None
+        except OSError as e:
+            raise UsageError(f"{path}: cannot read: {e.strerror or e}") from e
+    if len(data) > limit:
+        raise UsageError(f"{path}: larger than {limit} bytes")
+    return data
+
+
+def hex_arg(value: str) -> bytes:
+    """argparse type for a hex string (``0x`` prefix allowed, empty allowed)."""
+    v = value.strip()
+    if v.lower().startswith("0x"):
+        v = v[2:]
+    try:
+        return bytes.fromhex(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a hex string: {value!r}") from None
+
+
+def add_json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")

@@ -1,0 +1,392 @@
+"""TCG Canonical Event Log (CEL), JSON encoding: cima's interchange format for every log.
+
+A CEL-JSON document is a JSON array of records (TCG Canonical Event Log Format,
+version 1.0, the JSON encoding)::
+
+    {"recnum": 0, "pcr": 4,
+     "digests": [{"hashAlg": "sha256", "digest": "<hex>"}],
+     "content_type": "pcclient_std",
+     "content": {"event_type": 2147483651, "event_data": "<base64>"}}
+
+Content types handled:
+
+- ``pcclient_std``: a TCG PC Client record (``event_type``, ``event_data``);
+- ``ima_template``: a Linux IMA record (``template_name``, ``template_data``);
+- ``cima``: an event of cima's runtime journal (``content`` is its JSON object).
+
+The register is ``"pcr": N`` for a TPM PCR. For a TD measurement register the
+record carries ``"imr": N`` with the CC measurement-register index (0 = mrtd,
+1..4 = rtmr0..rtmr3), as the CC Trusted API's CEL does. Every record also
+carries ``"register"`` with cima's canonical name; readers accept any of the three.
+
+Converting a TCG, CCEL or IMA log to CEL keeps what replay needs (register,
+logged digests, event type and data, IMA template data for any bank), and
+:func:`to_tcg_bytes` / :func:`to_ima_binary` rebuild the native records from it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cima.digests import SHA1, by_name
+from cima.errors import AlgorithmError, ParseError, RegisterError
+from cima.registers import cc_index, cc_name, check_name, pcr_index, pcr_name
+
+PCCLIENT_STD = "pcclient_std"
+IMA_TEMPLATE = "ima_template"
+CIMA = "cima"
+CONTENT_TYPES = (PCCLIENT_STD, IMA_TEMPLATE, CIMA)
+
+EV_NO_ACTION = 0x00000003
+_STARTUP_LOCALITY = b"StartupLocality\x00"
+_SPEC_ID_03 = b"Spec ID Event03\x00"
+
+_RECORD_KEYS = frozenset(
+    {"recnum", "pcr", "imr", "nv_index", "register", "digests", "content_type", "content"}
+)
+
+#: Upper bound on one CEL document's records, to bound memory on hostile input.
+MAX_RECORDS = 10_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class CELRecord:
+    """One CEL record. Satisfies :class:`cima.eventlog.event.Measurement`."""
+
+    recnum: int
+    register: str
+    digests: tuple[tuple[str, bytes], ...]
+    content_type: str
+    content: dict[str, Any] = field(hash=False, compare=True)
+
+    # -- Measurement protocol -------------------------------------------------
+    @property
+    def event_type(self) -> int | None:
+        if self.content_type == PCCLIENT_STD:
+            return int(self.content["event_type"])
+        return None
+
+    @property
+    def event_data(self) -> bytes:
+        if self.content_type == PCCLIENT_STD:
+            return bytes(self.content["event_data"])
+        if self.content_type == IMA_TEMPLATE:
+            return bytes(self.content["template_data"])
+        return json.dumps(self.content, sort_keys=True, separators=(",", ":")).encode()
+
+    @property
+    def extends(self) -> bool:
+        return self.event_type != EV_NO_ACTION
+
+    @property
+    def startup_locality(self) -> int | None:
+        if self.event_type != EV_NO_ACTION or self.register not in ("pcr0",):
+            return None
+        data = self.event_data
+        if data.startswith(_STARTUP_LOCALITY) and len(data) >= len(_STARTUP_LOCALITY) + 1:
+            return data[len(_STARTUP_LOCALITY)]
+        return None
+
+    def algorithms(self) -> tuple[str, ...]:
+        return tuple(a for a, _ in self.digests)
+
+    def replay_digest(self, algorithm: str) -> bytes | None:
+        bank = by_name(algorithm)
+        logged = dict(self.digests)
+        if self.content_type == IMA_TEMPLATE:
+            # A violation is logged with a zero SHA1 template hash and extends
+            # all-ones; other banks get the template data hashed with the bank's
+            # algorithm (per-bank template hashes, Linux >= 5.8).
+            sha1 = logged.get("sha1")
+            if sha1 is not None and sha1 == bytes(SHA1.digest_size):
+                return b"\xff" * bank.digest_size
+            if bank.name in logged:
+                return logged[bank.name]
+            return bank.hash(bytes(self.content["template_data"]))
+        return logged.get(bank.name)
+
+    # -- JSON -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"recnum": self.recnum}
+        if self.register.startswith("pcr"):
+            out["pcr"] = pcr_index(self.register)
+        else:
+            out["imr"] = cc_index(self.register)
+        out["register"] = self.register
+        out["digests"] = [{"hashAlg": a, "digest": d.hex()} for a, d in self.digests]
+        out["content_type"] = self.content_type
+        if self.content_type == PCCLIENT_STD:
+            out["content"] = {
+                "event_type": self.content["event_type"],
+                "event_data": base64.b64encode(self.content["event_data"]).decode(),
+            }
+        elif self.content_type == IMA_TEMPLATE:
+            out["content"] = {
+                "template_name": self.content["template_name"],
+                "template_data": base64.b64encode(self.content["template_data"]).decode(),
+            }
+        else:
+            out["content"] = self.content
+        return out
+
+    @classmethod
+    def from_dict(cls, obj: object, *, position: int = 0) -> CELRecord:
+        """Decode one CEL-JSON record; errors name the record and the key."""
+
+        def fail(key: str, why: str) -> ParseError:
+            return ParseError(f"CEL record {position}: {key!r} {why}")
+
+        if not isinstance(obj, dict):
+            raise ParseError(f"CEL record {position}: expected an object, got {type(obj).__name__}")
+        known = {
+            "recnum",
+            "pcr",
+            "imr",
+            "nv_index",
+            "register",
+            "digests",
+            "content_type",
+            "content",
+        }
+        for key in obj:
+            if key not in known:
+                raise fail(key, "is not a CEL record key")
+        recnum = obj.get("recnum")
+        if not isinstance(recnum, int) or isinstance(recnum, bool) or recnum < 0:
+            raise fail("recnum", "must be a non-negative integer")
+        register = _register_of(obj, fail)
+        raw_digests = obj.get("digests")
+        if not isinstance(raw_digests, list):
+            raise fail("digests", "must be a list")
+        digests: list[tuple[str, bytes]] = []
+        for i, d in enumerate(raw_digests):
+            if not isinstance(d, dict) or set(d) != {"hashAlg", "digest"}:
+                raise fail(f"digests[{i}]", "must be an object with hashAlg and digest")
+            try:
+                alg = by_name(str(d["hashAlg"]))
+                value = bytes.fromhex(str(d["digest"]))
+            except (AlgorithmError, ValueError) as e:
+                raise fail(f"digests[{i}]", f"is invalid: {e}") from e
+            if len(value) != alg.digest_size:
+                raise fail(
+                    f"digests[{i}]",
+                    f"has {len(value)} bytes, {alg.name} needs {alg.digest_size}",
+                )
+            digests.append((alg.name, value))
+        ctype = obj.get("content_type")
+        if ctype not in CONTENT_TYPES:
+            raise fail("content_type", f"must be one of {', '.join(CONTENT_TYPES)}")
+        raw = obj.get("content")
+        if not isinstance(raw, dict):
+            raise fail("content", "must be an object")
+        content: dict[str, Any]
+        if ctype == PCCLIENT_STD:
+            et = raw.get("event_type")
+            if not isinstance(et, int) or isinstance(et, bool) or not 0 <= et <= 0xFFFFFFFF:
+                raise fail("content.event_type", "must be a 32-bit unsigned integer")
+            content = {
+                "event_type": et,
+                "event_data": _b64(raw.get("event_data"), fail, "event_data"),
+            }
+        elif ctype == IMA_TEMPLATE:
+            name = raw.get("template_name")
+            if not isinstance(name, str) or not name:
+                raise fail("content.template_name", "must be a non-empty string")
+            content = {
+                "template_name": name,
+                "template_data": _b64(raw.get("template_data"), fail, "template_data"),
+            }
+        else:
+            content = dict(raw)
+        return cls(recnum, register, tuple(digests), str(ctype), content)
+
+
+def _register_of(obj: dict[str, Any], fail: Any) -> str:
+    register = obj.get("register")
+    if register is not None:
+        if not isinstance(register, str):
+            raise fail("register", "must be a string")
+        try:
+            check_name(register)
+        except RegisterError as e:
+            raise fail("register", str(e)) from e
+    derived: str | None = None
+    try:
+        if "pcr" in obj:
+            if not isinstance(obj["pcr"], int) or isinstance(obj["pcr"], bool):
+                raise fail("pcr", "must be an integer")
+            derived = pcr_name(obj["pcr"])
+        elif "imr" in obj:
+            if not isinstance(obj["imr"], int) or isinstance(obj["imr"], bool):
+                raise fail("imr", "must be an integer")
+            derived = cc_name(obj["imr"])
+        elif "nv_index" in obj:
+            raise fail("nv_index", "records in NV indices are not replayable registers")
+    except RegisterError as e:
+        raise fail("pcr" if "pcr" in obj else "imr", str(e)) from e
+    if register is not None and derived is not None and register != derived:
+        raise fail("register", f"is {register} but the record's index names {derived}")
+    result = register or derived
+    if result is None:
+        raise fail("pcr", "is missing (a record needs pcr, imr or register)")
+    return result
+
+
+def _b64(value: object, fail: Any, key: str) -> bytes:
+    if not isinstance(value, str):
+        raise fail(f"content.{key}", "must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise fail(f"content.{key}", f"is not valid base64: {e}") from e
+
+
+# -- conversion from native logs ------------------------------------------------
+
+
+def from_measurements(events: Iterable[Any]) -> list[CELRecord]:
+    """CEL records for TCG/CCEL records (``TCGEvent``) and IMA entries (``IMAEntry``)."""
+    out: list[CELRecord] = []
+    for n, ev in enumerate(events):
+        if hasattr(ev, "template_data"):
+            out.append(
+                CELRecord(
+                    n,
+                    ev.register,
+                    (("sha1", bytes(ev.template_hash)),),
+                    IMA_TEMPLATE,
+                    {"template_name": ev.template_name, "template_data": bytes(ev.template_data)},
+                )
+            )
+        elif hasattr(ev, "event_type") and hasattr(ev, "data"):
+            out.append(
+                CELRecord(
+                    n,
+                    ev.register,
+                    tuple((a, bytes(d)) for a, d in ev.digests),
+                    PCCLIENT_STD,
+                    {"event_type": int(ev.event_type), "event_data": bytes(ev.data)},
+                )
+            )
+        elif isinstance(ev, CELRecord):
+            out.append(ev if ev.recnum == n else CELRecord(n, *_fields(ev)))
+        else:
+            raise TypeError(f"cannot convert {type(ev).__name__} to CEL")
+    return out
+
+
+def _fields(r: CELRecord) -> tuple[str, tuple[tuple[str, bytes], ...], str, dict[str, Any]]:
+    return (r.register, r.digests, r.content_type, r.content)
+
+
+def to_json(records: Sequence[CELRecord], *, indent: int | None = 1) -> str:
+    """CEL-JSON text of ``records``."""
+    return json.dumps([r.to_dict() for r in records], indent=indent)
+
+
+def from_json(text: str | bytes, *, source: str | None = None) -> list[CELRecord]:
+    """Decode a CEL-JSON document (an array of records; a single object is one record)."""
+    try:
+        doc = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        line = getattr(e, "lineno", None)
+        raise ParseError(f"not JSON: {e}", line=line, source=source) from e
+    if isinstance(doc, dict):
+        doc = [doc]
+    if not isinstance(doc, list):
+        raise ParseError("a CEL-JSON document is an array of records", source=source)
+    if len(doc) > MAX_RECORDS:
+        raise ParseError(f"more than {MAX_RECORDS} records", source=source)
+    records: list[CELRecord] = []
+    for i, obj in enumerate(doc):
+        try:
+            records.append(CELRecord.from_dict(obj, position=i))
+        except ParseError as e:
+            raise e.with_source(source) if source else e from None
+    return records
+
+
+def looks_like(data: bytes) -> bool:
+    """Cheap sniff: a JSON array or object that mentions a CEL key."""
+    head = data[:4096].lstrip()
+    return head[:1] in (b"[", b"{") and (b'"content_type"' in head or head.rstrip() == b"[]")
+
+
+# -- conversion back to native logs ---------------------------------------------
+
+
+def to_tcg_bytes(records: Sequence[CELRecord]) -> bytes:
+    """Rebuild a TCG PC Client (or CCEL) log from ``pcclient_std`` records.
+
+    The first record decides the layout: a Spec ID Event03 header means a
+    crypto-agile log (header in the SHA1 TCG_PCR_EVENT form, the rest as
+    TCG_PCR_EVENT2 with the algorithm ids of the header), else a SHA1 legacy log.
+    """
+    pcc = [r for r in records if r.content_type == PCCLIENT_STD]
+    if not pcc:
+        return b""
+    first = pcc[0]
+    agile = first.event_type == EV_NO_ACTION and first.event_data.startswith(_SPEC_ID_03)
+    out = bytearray()
+    for i, r in enumerate(pcc):
+        index = _native_index(r.register)
+        et = int(r.content["event_type"])
+        data = r.event_data
+        if i == 0 or not agile:
+            digest = dict(r.digests).get("sha1", bytes(20))
+            out += struct.pack("<II", index, et) + digest + struct.pack("<I", len(data)) + data
+            continue
+        out += struct.pack("<III", index, et, len(r.digests))
+        for alg, digest in r.digests:
+            out += struct.pack("<H", _alg_id(alg)) + digest
+        out += struct.pack("<I", len(data)) + data
+    return bytes(out)
+
+
+def _alg_id(name: str) -> int:
+    if name.startswith("alg_0x"):
+        return int(name[6:], 16)
+    return by_name(name).alg_id
+
+
+def _native_index(register: str) -> int:
+    if register.startswith("pcr"):
+        return pcr_index(register)
+    return cc_index(register)
+
+
+def to_ima_binary(records: Sequence[CELRecord]) -> bytes:
+    """Rebuild a Linux IMA binary measurement list (little-endian) from ``ima_template`` records."""
+    out = bytearray()
+    for r in records:
+        if r.content_type != IMA_TEMPLATE:
+            continue
+        name = str(r.content["template_name"]).encode()
+        data = bytes(r.content["template_data"])
+        digest = dict(r.digests).get("sha1")
+        if digest is None:
+            raise ParseError(f"CEL record {r.recnum}: an IMA record needs its sha1 template hash")
+        out += struct.pack("<I", pcr_index(r.register)) + digest
+        out += struct.pack("<I", len(name)) + name
+        if name == b"ima":
+            out += data
+        else:
+            out += struct.pack("<I", len(data)) + data
+    return bytes(out)
+
+
+__all__ = [
+    "CELRecord",
+    "from_json",
+    "from_measurements",
+    "looks_like",
+    "to_ima_binary",
+    "to_json",
+    "to_tcg_bytes",
+]
