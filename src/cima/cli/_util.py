@@ -12,9 +12,16 @@ from rich.console import Console
 
 from cima.errors import CimaError
 
-#: Human output: tables and progress on stdout, diagnostics on stderr.
-out = Console(soft_wrap=False)
+#: Human output: tables and progress on stdout, diagnostics on stderr. When
+#: stdout is not a terminal, tables are laid out wide rather than folded at 80.
+out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
+
+
+def fail_line(message: str) -> None:
+    """One line of diagnosis on stderr, never wrapped."""
+    sys.stderr.write(" ".join(message.split()) + "\n")
+    sys.stderr.flush()
 
 #: Largest input file a command reads whole (a measurement log, a quote, a bundle).
 MAX_INPUT = 512 * 1024 * 1024

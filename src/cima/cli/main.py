@@ -58,15 +58,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _util.VerificationFailed as e:
         if args.verbose:
             raise
-        _util.err.print(f"cima: verification failed: {e}", markup=False, highlight=False)
+        _util.fail_line(f"cima: verification failed: {e}")
         return 1
     except CimaError as e:
         if args.verbose:
             raise
-        _util.err.print(f"cima: error: {e}", markup=False, highlight=False)
+        _util.fail_line(f"cima: error: {e}")
         return 2
     except KeyboardInterrupt:
-        _util.err.print("cima: interrupted")
+        _util.fail_line("cima: interrupted")
         return 130
     except BrokenPipeError:
         return 0

@@ -126,6 +126,8 @@ class CELRecord:
                 "event_type": self.content["event_type"],
                 "event_data": base64.b64encode(self.content["event_data"]).decode(),
             }
+            if "event_size" in self.content:
+                out["content"]["event_size"] = self.content["event_size"]
         elif self.content_type == IMA_TEMPLATE:
             out["content"] = {
                 "template_name": self.content["template_name"],
@@ -190,10 +192,17 @@ class CELRecord:
             et = raw.get("event_type")
             if not isinstance(et, int) or isinstance(et, bool) or not 0 <= et <= 0xFFFFFFFF:
                 raise fail("content.event_type", "must be a 32-bit unsigned integer")
-            content = {
-                "event_type": et,
-                "event_data": _b64(raw.get("event_data"), fail, "event_data"),
-            }
+            data = _b64(raw.get("event_data"), fail, "event_data")
+            content = {"event_type": et, "event_data": data}
+            if "event_size" in raw:
+                size = raw["event_size"]
+                if (
+                    not isinstance(size, int)
+                    or isinstance(size, bool)
+                    or not 0 <= size <= len(data)
+                ):
+                    raise fail("content.event_size", "must be an integer up to the data's length")
+                content["event_size"] = size
         elif ctype == IMA_TEMPLATE:
             name = raw.get("template_name")
             if not isinstance(name, str) or not name:
@@ -271,7 +280,7 @@ def from_measurements(events: Iterable[Any]) -> list[CELRecord]:
                     ev.register,
                     tuple((a, bytes(d)) for a, d in ev.digests),
                     PCCLIENT_STD,
-                    {"event_type": int(ev.event_type), "event_data": bytes(ev.data)},
+                    _pcclient_content(ev),
                 )
             )
         elif isinstance(ev, CELRecord):
@@ -279,6 +288,16 @@ def from_measurements(events: Iterable[Any]) -> list[CELRecord]:
         else:
             raise TypeError(f"cannot convert {type(ev).__name__} to CEL")
     return out
+
+
+def _pcclient_content(ev: Any) -> dict[str, Any]:
+    content: dict[str, Any] = {"event_type": int(ev.event_type), "event_data": bytes(ev.data)}
+    declared = getattr(ev, "declared_size", None)
+    if declared is not None and declared != len(ev.data):
+        # A Spec ID header whose eventSize leaves out its vendorInfo bytes
+        # (seen in the wild): keep the declared size so the bytes come back.
+        content["event_size"] = int(declared)
+    return content
 
 
 def _fields(r: CELRecord) -> tuple[str, tuple[tuple[str, bytes], ...], str, dict[str, Any]]:
@@ -338,9 +357,10 @@ def to_tcg_bytes(records: Sequence[CELRecord]) -> bytes:
         index = _native_index(r.register)
         et = int(r.content["event_type"])
         data = r.event_data
+        size = int(r.content.get("event_size", len(data)))
         if i == 0 or not agile:
             digest = dict(r.digests).get("sha1", bytes(20))
-            out += struct.pack("<II", index, et) + digest + struct.pack("<I", len(data)) + data
+            out += struct.pack("<II", index, et) + digest + struct.pack("<I", size) + data
             continue
         out += struct.pack("<III", index, et, len(r.digests))
         for alg, digest in r.digests:

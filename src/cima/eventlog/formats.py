@@ -42,6 +42,8 @@ class LoadedLog:
             body: dict[str, Any] = native.to_dict()
         else:
             body = {"events": [e.to_dict() for e in self.events]}
+        if "format" in body:
+            body["layout"] = body.pop("format")
         return {"format": self.format, "source": self.source, **body}
 
     @property
