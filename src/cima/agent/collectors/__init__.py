@@ -1,0 +1,1 @@
+"""What the agent measures: system processes (procfs), containers (CRI, runc, cgroups), pods."""
