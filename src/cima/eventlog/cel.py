@@ -34,7 +34,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cima.digests import SHA1, by_name
+from cima.digests import by_name
 from cima.errors import AlgorithmError, ParseError, RegisterError
 from cima.registers import cc_index, cc_name, check_name, pcr_index, pcr_name
 
@@ -50,6 +50,9 @@ _SPEC_ID_03 = b"Spec ID Event03\x00"
 _RECORD_KEYS = frozenset(
     {"recnum", "pcr", "imr", "nv_index", "register", "digests", "content_type", "content"}
 )
+
+# An IMA list measured into a TD register numbers it as the CC Trusted API's IMR.
+_IMR_BY_NAME = {f"rtmr{i}": i for i in range(4)}
 
 #: Upper bound on one CEL document's records, to bound memory on hostile input.
 MAX_RECORDS = 10_000_000
@@ -98,18 +101,32 @@ class CELRecord:
 
     def replay_digest(self, algorithm: str) -> bytes | None:
         bank = by_name(algorithm)
-        logged = dict(self.digests)
         if self.content_type == IMA_TEMPLATE:
-            # A violation is logged with a zero SHA1 template hash and extends
-            # all-ones; other banks get the template data hashed with the bank's
-            # algorithm (per-bank template hashes, Linux >= 5.8).
-            sha1 = logged.get("sha1")
-            if sha1 is not None and sha1 == bytes(SHA1.digest_size):
-                return b"\xff" * bank.digest_size
-            if bank.name in logged:
-                return logged[bank.name]
-            return bank.hash(bytes(self.content["template_data"]))
-        return logged.get(bank.name)
+            # The IMA codec knows each template's hash input (the ``ima`` template
+            # pads its name), violations (all-ones) and per-bank template hashes.
+            digest: bytes | None = self.ima_entry().replay_digest(bank.name)
+            return digest
+        return dict(self.digests).get(bank.name)
+
+    def ima_entry(self) -> Any:
+        """This ``ima_template`` record as an :class:`cima.eventlog.ima.IMAEntry`."""
+        from cima.eventlog import ima
+
+        if self.content_type != IMA_TEMPLATE or not self.digests:
+            raise ParseError(f"CEL record {self.recnum}: not an IMA record with a template hash")
+        _, logged = self.digests[0]
+        index = (
+            pcr_index(self.register)
+            if self.register.startswith("pcr")
+            else _IMR_BY_NAME[self.register]
+        )
+        return ima.IMAEntry(
+            index=self.recnum,
+            pcr=index,
+            template_hash=logged,
+            template_name=str(self.content["template_name"]),
+            template_data=bytes(self.content["template_data"]),
+        )
 
     # -- JSON -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -268,7 +285,7 @@ def from_measurements(events: Iterable[Any]) -> list[CELRecord]:
                 CELRecord(
                     n,
                     ev.register,
-                    (("sha1", bytes(ev.template_hash)),),
+                    ((ev.template_hash_algorithm, bytes(ev.template_hash)),),
                     IMA_TEMPLATE,
                     {"template_name": ev.template_name, "template_data": bytes(ev.template_data)},
                 )
@@ -383,22 +400,7 @@ def _native_index(register: str) -> int:
 
 def to_ima_binary(records: Sequence[CELRecord]) -> bytes:
     """Rebuild a Linux IMA binary measurement list (little-endian) from ``ima_template`` records."""
-    out = bytearray()
-    for r in records:
-        if r.content_type != IMA_TEMPLATE:
-            continue
-        name = str(r.content["template_name"]).encode()
-        data = bytes(r.content["template_data"])
-        digest = dict(r.digests).get("sha1")
-        if digest is None:
-            raise ParseError(f"CEL record {r.recnum}: an IMA record needs its sha1 template hash")
-        out += struct.pack("<I", pcr_index(r.register)) + digest
-        out += struct.pack("<I", len(name)) + name
-        if name == b"ima":
-            out += data
-        else:
-            out += struct.pack("<I", len(data)) + data
-    return bytes(out)
+    return b"".join(r.ima_entry().to_bytes() for r in records if r.content_type == IMA_TEMPLATE)
 
 
 __all__ = [
