@@ -153,3 +153,26 @@ def test_unknown_bank_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     )
     assert code == 2
     assert "md5" in err
+
+
+def test_ima_binary_streams_like_ascii(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    entry = next(e for e in manifest("ima") if e["file"] == "keylime-perf-tests/ima_log.txt")
+    src = path("ima", entry["file"])
+    binary = tmp_path / "binary_runtime_measurements"
+    assert main(["eventlog", "convert", str(src), "--to", "ima-binary", "-o", str(binary)]) == 0
+    capsys.readouterr()
+    for f in (src, binary):
+        code, out, _ = run(
+            capsys, "eventlog", "replay", str(f), "--bank", "sha1", "--bank", "sha256", "--json"
+        )
+        assert code == 0
+        doc = json.loads(out)
+        assert doc["events"] == entry["expected"]["entries"]
+        got = {r["algorithm"]: r["digest"] for r in doc["registers"]}
+        assert got == entry["expected"]["pcr10"]
+    # a list cut inside an entry is an input error naming the file and the offset
+    cut = tmp_path / "cut"
+    cut.write_bytes(binary.read_bytes()[:-7])
+    code, out, err = run(capsys, "eventlog", "replay", str(cut), "--format", "ima-binary")
+    assert code == 2 and out == ""
+    assert str(cut) in err and "offset" in err

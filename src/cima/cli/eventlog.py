@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
-from cima.cli._util import UsageError, add_json_flag, emit_json, out, read_input
+from cima.cli._util import UsageError, add_json_flag, emit_json, err, out, read_input
 from cima.digests import by_name
-from cima.errors import AlgorithmError
+from cima.errors import AlgorithmError, RegisterError
 from cima.eventlog import cel, formats
 from cima.eventlog.replay import Replayer
 
@@ -103,6 +105,95 @@ def _tcg_row(n: int, e: Any) -> list[str]:
     return [str(e.index), e.register, e.event_type_name, f"{alg}:{_short(digest)}", text]
 
 
+_HEAD = 64 * 1024
+_PROGRESS_MIN = 16 * 1024 * 1024
+
+
+def _ima_format(path: str, fmt: str) -> str | None:
+    """``ima-binary``/``ima-ascii`` when ``path`` is an IMA list (these are streamed)."""
+    if fmt in ("ima-binary", "ima-ascii"):
+        return fmt
+    if fmt != "auto" or path == "-":
+        return None
+    from cima.eventlog import ima
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEAD)
+    except OSError:
+        return None  # read_input reports it
+    if cel.looks_like(head):
+        return None
+    if ima.looks_like_ascii(head):
+        return "ima-ascii"
+    if ima.looks_like_binary(head):
+        return "ima-binary"
+    return None
+
+
+class _ProgressReader:
+    """A binary stream that advances a progress bar as it is read."""
+
+    def __init__(self, raw: Any, progress: Any, task: Any) -> None:
+        self._raw = raw
+        self._progress = progress
+        self._task = task
+
+    def read(self, n: int = -1) -> bytes:
+        data: bytes = self._raw.read(n)
+        self._progress.advance(self._task, len(data))
+        return data
+
+    def readinto(self, buf: Any) -> int:
+        n: int = self._raw.readinto(buf)
+        self._progress.advance(self._task, n)
+        return n
+
+
+def _stream_ima(
+    path: str, fmt: str, replayer: Replayer, algorithms: tuple[str, ...] | None, td: bool
+) -> None:
+    from rich.progress import Progress
+
+    from cima.eventlog import ima
+
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read: {e.strerror or e}") from e
+    with f:
+        if algorithms is None:
+            head = f.read(_HEAD)
+            f.seek(0)
+            first = (
+                ima.parse_ascii(head.split(b"\n", 1)[0] + b"\n")
+                if fmt == "ima-ascii"
+                else next(ima.iter_binary(io.BytesIO(head)), None)
+            )
+            first_entry = first.entries[0] if isinstance(first, ima.IMALog) else first
+            algorithms = (first_entry.template_hash_algorithm,) if first_entry else ("sha1",)
+        registers = None
+        if td:
+            registers = {}
+            for i in range(24):
+                try:
+                    registers[i] = formats.td_register_for_ima(i)
+                except RegisterError:
+                    continue
+        size = os.fstat(f.fileno()).st_size
+        show = err.is_terminal and size >= _PROGRESS_MIN
+        with Progress(console=err, transient=True, disable=not show) as progress:
+            task = progress.add_task(f"replaying {path}", total=size)
+            stream: Any = _ProgressReader(f, progress, task)
+            replay_fn = ima.replay_binary if fmt == "ima-binary" else ima.replay_ascii
+            result = replay_fn(
+                stream, algorithms, source=path, bank=replayer.bank, registers=registers
+            )
+    replayer.bank = result.bank
+    replayer.events += result.entries
+    replayer.extended += result.entries
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     algorithms: tuple[str, ...] | None = None
     if args.bank:
@@ -110,9 +201,19 @@ def cmd_replay(args: argparse.Namespace) -> int:
             algorithms = tuple(by_name(b).name for b in args.bank)
         except AlgorithmError as e:
             raise UsageError(f"--bank: {e}") from None
-    logs = [_load(path, args.format) for path in args.files]
+    # IMA lists are streamed (a list can hold millions of entries); other logs are small.
+    plan: list[tuple[str, str | None, formats.LoadedLog | None]] = []
+    for path in args.files:
+        ima_fmt = _ima_format(path, args.format)
+        plan.append((path, ima_fmt, None if ima_fmt else _load(path, args.format)))
+    td = any(log is not None and log.is_td_log for _, _, log in plan)
     replayer = Replayer(algorithms=algorithms)
-    replayer.feed_all(formats.combined(logs))
+    for path, ima_fmt, log in plan:
+        if log is not None:
+            replayer.feed_all(formats.combined([log]))
+        else:
+            assert ima_fmt is not None
+            _stream_ima(path, ima_fmt, replayer, algorithms, td)
     registers = replayer.bank.to_list()
     if args.json:
         emit_json({"registers": registers, "events": replayer.events})
