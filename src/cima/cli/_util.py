@@ -23,6 +23,7 @@ def fail_line(message: str) -> None:
     sys.stderr.write(" ".join(message.split()) + "\n")
     sys.stderr.flush()
 
+
 #: Largest input file a command reads whole (a measurement log, a quote, a bundle).
 MAX_INPUT = 512 * 1024 * 1024
 
