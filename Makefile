@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml tools/setup-system.sh
 	@PYTHON=$(PYTHON) sh tools/setup-system.sh
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,tpm]'
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,tpm,postgresql]'
 	@touch $(STAMP)
 
 setup: $(STAMP)
