@@ -31,7 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     eventlog.register(sub)
-    for optional in ("quote", "platform"):
+    for optional in (
+        "quote",
+        "platform",
+        "policy",
+        "agent",
+        "client",
+        "verify",
+        "reference",
+        "verifier",
+    ):
         module = _optional_module(optional)
         if module is not None:
             module.register(sub)
