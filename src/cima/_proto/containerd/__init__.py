@@ -1,0 +1,1 @@
+"""containerd events API generated code; see README.md."""

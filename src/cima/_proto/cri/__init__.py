@@ -1,0 +1,1 @@
+"""Kubernetes CRI v1 (runtime.v1) generated code; see README.md."""
