@@ -221,6 +221,17 @@ class Engine:
         except CimaError as e:
             log.warning("reading the IMA list failed this round: %s", e)
 
+    def refresh_ima(self) -> int:
+        """Read the IMA entries appended since the last read, now; return how many.
+
+        The server calls it right after a quote, so that an evidence bundle never
+        carries an IMA log shorter than the quoted register.
+        """
+        with self._lock:
+            before = len(self._ima_entries)
+            self._read_ima()
+            return len(self._ima_entries) - before
+
     def ima_entries(self) -> list[IMAEntry]:
         """Every IMA entry read so far, in order."""
         with self._lock:

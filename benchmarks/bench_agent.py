@@ -1,0 +1,485 @@
+"""The agent under load over its Unix socket: reads, reports with and without batching, memory.
+
+The agent runs in a process of its own (a real journal and engine, the server
+on a socket in a temporary directory); the clients run in ``processes`` other
+processes of ``clients / processes`` threads each, every thread on its own
+connection (grpcio, a private subchannel pool), so that the clients do not
+starve the server of the interpreter lock. Each measurement runs for
+``seconds``; a row gives the requests answered, their rate and the p50/p99
+latency seen by the clients.
+
+- measurement reads: ``cima.v1.Agent/GetMeasurement`` and the CIMA-compatible
+  ``GetCcMeasurement`` on the software platform (its registers are in memory,
+  so this is the server's own cost; a TPM read is the TPM's);
+- reports against swtpm, unbatched (one TPM2_Quote per request) and batched
+  (concurrent requests share a quote through a Merkle tree of their bindings);
+- the agent's peak RSS (VmHWM) with an IMA list of ``entries`` entries (100,000
+  by default) loaded: after start-up, after the read load, and after one
+  evidence bundle carrying the whole list.
+
+Targets (measured, not asserted): at least 5,000 reads/s on 2 cores with p99
+under 10 ms; batched reports at least 20 times the unbatched rate; RSS under
+100 MB.
+
+Usage: ``python benchmarks/bench_agent.py [--entries N] [--seconds S] [--clients N]
+[--processes P] [--no-swtpm] [--json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+for _p in (ROOT, ROOT / "src"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+DEFAULT_ENTRIES = 100_000
+DEFAULT_SECONDS = 3.0
+DEFAULT_CLIENTS = 32
+DEFAULT_PROCESSES = 4
+
+POLICY = """\
+backend: {backend}
+hashAlgorithm: sha384
+measure:
+  container:
+    isolated: true
+"""
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+# -- the agent process ------------------------------------------------------------------------
+
+
+def _agent_main(config: dict[str, Any], conn: Connection) -> None:
+    """Run an agent until told to stop; answer RSS and quote-count questions."""
+    from cima.agent.engine import Engine
+    from cima.agent.events import container_scope
+    from cima.agent.journal import Journal
+    from cima.agent.policy import parse_policy
+    from cima.agent.server import AgentServer
+    from cima.platform.base import Platform
+    from cima.platform.ima import IMAReader
+    from cima.platform.software import SoftwarePlatform
+
+    directory = Path(config["directory"])
+    platform: Platform
+    if config.get("tcti"):
+        from cima.platform.tpm import TPMPlatform
+
+        platform = TPMPlatform(config["tcti"])
+    else:
+        platform = SoftwarePlatform(None)
+    ima_path = config.get("ima")
+    policy = parse_policy(POLICY.format(backend="ima" if ima_path else "none"))
+    journal = Journal.open(
+        directory / "journal",
+        platform=platform,
+        register=config.get("register", "pcr13"),
+        algorithm="sha384",
+        adopt=True,
+    )
+    engine = Engine(
+        policy, platform, journal, collectors=[], ima=IMAReader(ima_path) if ima_path else None
+    )
+    engine.measure_self()
+    for i in range(8):
+        cid = f"{i:064x}"
+        journal.append(
+            kind="container", scope=container_scope(cid), subject=cid, data={"name": f"c{i}"}
+        )
+    t0 = time.perf_counter()
+    engine.poll()
+    load_s = time.perf_counter() - t0
+    server = AgentServer(
+        engine,
+        socket_path=directory / "cima.sock",
+        batching=config.get("batching", True),
+        identify=_host_caller,
+    )
+    server.start()
+    conn.send({"ready": True, "ima": len(engine.ima_entries()), "load_s": load_s})
+    while True:
+        cmd = conn.recv()
+        if cmd == "stop":
+            break
+        if cmd == "stats":
+            conn.send(
+                {
+                    "hwm_kib": _status_kib("VmHWM"),
+                    "rss_kib": _status_kib("VmRSS"),
+                    "quotes": server.quotes,
+                }
+            )
+    server.stop()
+    journal.close()
+    platform.close()
+    conn.send("stopped")
+
+
+def _host_caller(pid: int, uid: int) -> Any:
+    """Every benchmark client is a host process (skips /proc: the clients' cost, not ours)."""
+    from cima.agent.identity import Caller
+
+    return Caller(pid, uid, None, None)
+
+
+class AgentProcess:
+    def __init__(self, ctx: Any, **config: Any) -> None:
+        self.parent, child = ctx.Pipe()
+        self.process = ctx.Process(target=_agent_main, args=(config, child), daemon=True)
+        self.process.start()
+        if not self.parent.poll(600):
+            raise RuntimeError("the agent did not start")
+        self.started: dict[str, Any] = self.parent.recv()
+        self.socket = Path(config["directory"]) / "cima.sock"
+
+    def stats(self) -> dict[str, Any]:
+        self.parent.send("stats")
+        answer: dict[str, Any] = self.parent.recv()
+        return answer
+
+    def stop(self) -> None:
+        self.parent.send("stop")
+        self.parent.recv()
+        self.process.join(30)
+
+
+# -- the clients ----------------------------------------------------------------------------------
+
+
+def _request(kind: str) -> tuple[str, Any, Any]:
+    """(method path, serialised request, stub factory) of one kind of request."""
+    from cima._proto.cima import agent_pb2, cima_server_pb2
+
+    if kind == "read":
+        req = agent_pb2.GetMeasurementRequest(register="pcr13", algorithm="sha384")
+        return "/cima.v1.Agent/GetMeasurement", req.SerializeToString(), None
+    if kind == "compat-read":
+        req = cima_server_pb2.GetCcMeasurementRequest(index=13, algo_id=0x000C)
+        return "/cima_server_pb.cima/GetCcMeasurement", req.SerializeToString(), None
+    if kind == "report":
+        return "/cima.v1.Agent/GetReport", b"", None
+    raise ValueError(kind)
+
+
+def _client_main(
+    socket: str, kind: str, threads: int, start_at: float, seconds: float, queue: Any
+) -> None:
+    import grpc
+
+    from cima._proto.cima import agent_pb2
+
+    method, payload, _ = _request(kind)
+    latencies: list[list[float]] = [[] for _ in range(threads)]
+    errors: list[str] = []
+    end_at = start_at + seconds
+
+    def worker(i: int) -> None:
+        channel = grpc.insecure_channel(
+            f"unix:{socket}", options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        call = channel.unary_unary(method)
+        try:
+            call(payload if kind != "report" else b"", timeout=60)  # connect before the clock
+            while time.time() < start_at:
+                time.sleep(0.001)
+            mine = latencies[i]
+            n = 0
+            while True:
+                if kind == "report":
+                    nonce = os.urandom(32)
+                    data = agent_pb2.GetReportRequest(nonce=nonce, user_data=b"%d" % n)
+                    body = data.SerializeToString()
+                else:
+                    body = payload
+                t0 = time.perf_counter()
+                call(body, timeout=60)
+                t1 = time.perf_counter()
+                if time.time() > end_at:
+                    break
+                mine.append(t1 - t0)
+                n += 1
+        except grpc.RpcError as e:
+            errors.append(f"{e.code()}: {e.details()}")
+        finally:
+            channel.close()
+
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    queue.put(([x for lat in latencies for x in lat], errors))
+
+
+def _load(
+    ctx: Any,
+    socket: Path,
+    kind: str,
+    *,
+    clients: int,
+    processes: int,
+    seconds: float,
+    server_pid: int | None = None,
+) -> dict[str, Any]:
+    queue = ctx.Queue()
+    per = [clients // processes + (1 if i < clients % processes else 0) for i in range(processes)]
+    start_at = time.time() + 2.0  # time for every process to start and connect
+    procs = [
+        ctx.Process(target=_client_main, args=(str(socket), kind, n, start_at, seconds, queue))
+        for n in per
+        if n
+    ]
+    for p in procs:
+        p.start()
+    while time.time() < start_at:
+        time.sleep(0.005)
+    cpu0 = _cpu_seconds(server_pid) if server_pid else 0.0
+    latencies: list[float] = []
+    errors: list[str] = []
+    cpu1: float | None = None
+    for _ in procs:
+        lat, err = queue.get(timeout=600)
+        if cpu1 is None and server_pid:
+            cpu1 = _cpu_seconds(server_pid)
+        latencies.extend(lat)
+        errors.extend(err)
+    for p in procs:
+        p.join(60)
+    if errors:
+        raise RuntimeError(f"{len(errors)} client errors, first: {errors[0]}")
+    latencies.sort()
+    n = len(latencies)
+
+    def pct(q: float) -> float:
+        return round(latencies[min(n - 1, int(q * n))] * 1000, 3) if n else float("nan")
+
+    row: dict[str, Any] = {
+        "entries": n,
+        "seconds": seconds,
+        "entries_per_s": n / seconds,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "clients": clients,
+        "client_processes": len(procs),
+    }
+    if server_pid and cpu1 is not None and n:
+        # The agent's own CPU per request: what the rate would be bound by on a
+        # core of its own, whatever else the machine runs.
+        row["server_cpu_ms_per_request"] = round((cpu1 - cpu0) * 1000 / n, 3)
+    return row
+
+
+# -- the measurements ---------------------------------------------------------------------------
+
+
+def _reads(
+    ctx: Any, tmp: Path, *, clients: int, processes: int, seconds: float
+) -> list[dict[str, Any]]:
+    agent = AgentProcess(ctx, directory=str(tmp / "reads"))
+    rows = []
+    try:
+        for kind, name in (
+            ("read", "agent reads: GetMeasurement (software platform)"),
+            ("compat-read", "agent reads: CIMA GetCcMeasurement (software platform)"),
+        ):
+            row = _load(
+                ctx,
+                agent.socket,
+                kind,
+                clients=clients,
+                processes=processes,
+                seconds=seconds,
+                server_pid=agent.process.pid,
+            )
+            rows.append({"name": name, **row})
+    finally:
+        agent.stop()
+    return rows
+
+
+def _reports(
+    ctx: Any, tmp: Path, *, clients: int, processes: int, seconds: float, use_swtpm: bool
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    server: Any = None
+    tcti = None
+    label = "software platform"
+    if use_swtpm:
+        try:
+            from tests.platform.swtpm import SWTPM, available
+
+            reason = available()
+            if reason:
+                raise RuntimeError(reason)
+            manufactured = SWTPM.manufacture(tmp / "manufactured")
+            server = SWTPM(manufactured, tmp / "swtpm").start()
+            tcti = server.tcti
+            label = "swtpm"
+        except Exception as e:
+            rows.append({"name": f"agent reports on swtpm: skipped ({e}); software platform used"})
+    try:
+        rates: dict[bool, float] = {}
+        for batching in (False, True):
+            agent = AgentProcess(
+                ctx,
+                directory=str(tmp / f"reports-{batching}"),
+                tcti=tcti,
+                register="pcr14" if batching else "pcr15",
+                batching=batching,
+            )
+            try:
+                before = agent.stats()["quotes"]
+                row = _load(
+                    ctx,
+                    agent.socket,
+                    "report",
+                    clients=clients,
+                    processes=processes,
+                    seconds=seconds,
+                    server_pid=agent.process.pid,
+                )
+                quotes = agent.stats()["quotes"] - before
+            finally:
+                agent.stop()
+            rates[batching] = row["entries_per_s"]
+            what = "batched" if batching else "unbatched"
+            rows.append(
+                {
+                    "name": f"agent reports: GetReport, {what} ({label})",
+                    **row,
+                    "hardware_quotes": quotes,
+                    "requests_per_quote": round(row["entries"] / max(1, quotes), 2),
+                }
+            )
+        if rates.get(False):
+            rows[-1]["ratio_to_unbatched"] = round(rates[True] / rates[False], 1)
+    finally:
+        if server is not None:
+            server.stop()
+    return rows
+
+
+def _rss(
+    ctx: Any, tmp: Path, *, entries: int, clients: int, processes: int, seconds: float
+) -> list[dict[str, Any]]:
+    from benchmarks.bench_ima import generate
+
+    bin_path, _, _ = generate(tmp, entries)
+    agent = AgentProcess(ctx, directory=str(tmp / "rss"), ima=str(bin_path))
+    rows: list[dict[str, Any]] = []
+    try:
+        loaded = agent.stats()
+        rows.append(
+            {
+                "name": f"agent peak RSS, {agent.started['ima']:,} IMA entries loaded",
+                "entries": agent.started["ima"],
+                "seconds": round(agent.started["load_s"], 3),
+                "peak_rss_mb": round(loaded["hwm_kib"] / 1024, 1),
+                "rss_mb": round(loaded["rss_kib"] / 1024, 1),
+            }
+        )
+        _load(ctx, agent.socket, "read", clients=clients, processes=processes, seconds=seconds)
+        after_reads = agent.stats()
+        rows.append(
+            {
+                "name": "agent peak RSS, after the read load",
+                "entries": agent.started["ima"],
+                "peak_rss_mb": round(after_reads["hwm_kib"] / 1024, 1),
+                "rss_mb": round(after_reads["rss_kib"] / 1024, 1),
+            }
+        )
+        from cima.client import CimaClient
+
+        t0 = time.perf_counter()
+        with CimaClient(agent.socket, timeout=600) as c:
+            size = len(c.get_evidence_json(b"nonce"))
+        took = time.perf_counter() - t0
+        after_bundle = agent.stats()
+        rows.append(
+            {
+                "name": f"agent peak RSS, after one evidence bundle ({size / 1e6:.0f} MB JSON)",
+                "entries": agent.started["ima"],
+                "seconds": round(took, 3),
+                "peak_rss_mb": round(after_bundle["hwm_kib"] / 1024, 1),
+                "rss_mb": round(after_bundle["rss_kib"] / 1024, 1),
+            }
+        )
+    finally:
+        agent.stop()
+    return rows
+
+
+def run(
+    *,
+    entries: int | None = None,
+    seconds: float = DEFAULT_SECONDS,
+    clients: int = DEFAULT_CLIENTS,
+    processes: int = DEFAULT_PROCESSES,
+    swtpm: bool = True,
+) -> list[dict[str, Any]]:
+    """Every measurement of the module docstring, as rows."""
+    ctx = mp.get_context("spawn")
+    n = DEFAULT_ENTRIES if entries is None else entries
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="cima-bench-agent-") as t:
+        tmp = Path(t)
+        opts = {"clients": clients, "processes": processes, "seconds": seconds}
+        rows += _reads(ctx, tmp, **opts)
+        rows += _reports(ctx, tmp, use_swtpm=swtpm, **opts)
+        rows += _rss(ctx, tmp, entries=n, **opts)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--entries", type=int, help="IMA entries for the RSS measurement")
+    ap.add_argument("--seconds", type=float, default=DEFAULT_SECONDS)
+    ap.add_argument("--clients", type=int, default=DEFAULT_CLIENTS)
+    ap.add_argument("--processes", type=int, default=DEFAULT_PROCESSES)
+    ap.add_argument("--no-swtpm", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    rows = run(
+        entries=args.entries,
+        seconds=args.seconds,
+        clients=args.clients,
+        processes=args.processes,
+        swtpm=not args.no_swtpm,
+    )
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for r in rows:
+            print(json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
