@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.stamp-install
 
-.PHONY: all demo test bench lint typecheck unit setup system clean
+.PHONY: all demo demo-vm test bench lint typecheck unit setup system clean
 
 all: test
 
@@ -22,6 +22,10 @@ setup: $(STAMP)
 
 demo: setup
 	@$(VENV)/bin/cima demo
+
+# The chain on a real kernel: a virtual machine with measured boot, IMA and a vTPM.
+demo-vm: setup
+	@$(PY) -m tests.vm.demo
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
