@@ -191,3 +191,37 @@ def test_quote_verify_trustee_vector(capsys: pytest.CaptureFixture[str]) -> None
     )
     assert code == 0
     assert json.loads(out)["freshness"] == "qualifying-data"
+
+
+def test_report_over_several_banks(
+    capsys: pytest.CaptureFixture[str], swtpm: SWTPM, tmp_path: Path
+) -> None:
+    out_dir = tmp_path / "report"
+    code, out, err = run(
+        capsys,
+        "platform",
+        "report",
+        "--platform",
+        "tpm",
+        "--tcti",
+        swtpm.tcti,
+        "--nonce",
+        NONCE,
+        "--algorithm",
+        "sha1",
+        "--algorithm",
+        "sha384",
+        "-o",
+        str(out_dir),
+        "--json",
+    )
+    assert code == 0, err
+    banks = {p["algorithm"] for p in json.loads(out)["pcrs"]}
+    assert banks == {"sha1", "sha384"}
+    assert main(["quote", "verify", str(out_dir), "--nonce", NONCE]) == 0
+    capsys.readouterr()
+    code, _, err = run(
+        capsys, "platform", "report", "--platform", "tpm", "--tcti", swtpm.tcti,
+        "--nonce", NONCE, "--algorithm", "md5", "-o", str(out_dir),
+    )  # fmt: skip
+    assert code == 2 and "md5" in err

@@ -70,6 +70,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r.add_argument("--nonce", type=hex_arg, required=True, metavar="HEX")
     r.add_argument("--user-data", type=hex_arg, default=b"", metavar="HEX")
     r.add_argument("--register", action="append", metavar="NAME", help="TPM: quote these PCRs")
+    r.add_argument(
+        "--algorithm",
+        action="append",
+        metavar="ALG",
+        help="TPM: quote this bank (repeatable; default: the platform's default bank)",
+    )
     r.add_argument("-o", "--output", required=True, metavar="DIR", help="write the report here")
     r.set_defaults(handler=cmd_report)
 
@@ -209,8 +215,19 @@ def cmd_report(args: argparse.Namespace) -> int:
             regs = [check_name(r) for r in args.register]
         except RegisterError as e:
             raise UsageError(str(e)) from None
+    algs = None
+    if args.algorithm:
+        try:
+            algs = [by_name(a).name for a in args.algorithm]
+        except AlgorithmError as e:
+            raise UsageError(f"--algorithm: {e}") from None
     with open_platform(args) as platform:
-        report = platform.report(args.nonce, args.user_data, regs)
+        if algs is None:
+            report = platform.report(args.nonce, args.user_data, regs)
+        elif platform.name == "tdx":
+            raise UsageError("--algorithm: a TDX quote has one bank (sha384)")
+        else:
+            report = platform.report(args.nonce, args.user_data, regs, algorithms=algs)  # type: ignore[call-arg]
         name = platform.name
     folder = Path(args.output)
     meta = write_report(report, name, folder)
