@@ -24,7 +24,13 @@ for _p in (ROOT, ROOT / "src"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-BENCHMARKS: tuple[str, ...] = ("bench_ima", "bench_tdx", "bench_tpm", "bench_agent")
+BENCHMARKS: tuple[str, ...] = (
+    "bench_ima",
+    "bench_tdx",
+    "bench_tpm",
+    "bench_agent",
+    "bench_verifier",
+)
 
 _COLUMNS = (
     ("name", "measurement", "{}"),

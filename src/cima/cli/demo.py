@@ -1,8 +1,14 @@
-"""``cima demo``: the main job on this machine.
+"""``cima demo``: the main job on this machine, the whole chain.
 
-It replays the real machines' logs that ship beside the project (TCG, CCEL, IMA)
-and compares each with the register values recorded with it, printing one
-table of results.
+1. The real machines' logs that ship beside the project (TCG, CCEL, IMA) are
+   replayed and compared with the register values recorded with them.
+2. The chain: a TPM (swtpm, or the software platform where swtpm cannot run),
+   the agent with the default policy measuring this machine's real processes
+   (a containerd the demo starts), a client asking for evidence with a fresh
+   nonce, reference values created from a first run, and a verifier appraising
+   a second run: the environment as a tree with each part's status.
+3. One measured thing changes (containerd restarted with another command line)
+   and the appraisal turns contraindicated, naming the reason.
 """
 
 from __future__ import annotations
@@ -29,6 +35,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="DIR",
         default=None,
         help="real-machine logs with a MANIFEST.json per category (default: ../shared/vectors)",
+    )
+    p.add_argument(
+        "--platform",
+        choices=("auto", "tpm", "software"),
+        default="auto",
+        help="swtpm (tpm), the software platform, or swtpm when it is installed (auto)",
+    )
+    p.add_argument(
+        "--keep", metavar="DIR", help="work here and keep the files (default: a temp dir)"
     )
     add_json_flag(p)
     p.set_defaults(handler=cmd_demo)
@@ -60,6 +75,18 @@ def _expected_registers(category: str, expected: dict[str, Any]) -> dict[tuple[s
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from cima.cli import demo_chain
+
+    rows = _vectors(args)
+    vectors_ok = all(r["ok"] for r in rows) and bool(rows)
+    chain = demo_chain.run(platform=args.platform, keep=args.keep, quiet=args.json)
+    ok = vectors_ok and chain["ok"]
+    if args.json:
+        emit_json({"ok": ok, "vectors": {"ok": vectors_ok, "logs": rows}, "chain": chain})
+    return 0 if ok else 1
+
+
+def _vectors(args: argparse.Namespace) -> list[dict[str, Any]]:
     root = Path(args.vectors) if args.vectors else _default_vectors()
     if not root.is_dir():
         raise UsageError(f"{root}: no vectors directory")
@@ -104,10 +131,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 )
             row["ms"] = round((time.perf_counter() - start) * 1000, 2)
             rows.append(row)
-    ok = all(r["ok"] for r in rows) and bool(rows)
-    if args.json:
-        emit_json({"ok": ok, "logs": rows})
-    else:
+    if not args.json:
         table = Table(title="cima: real machines' logs replayed against their recorded registers")
         for col in ("log", "format", "events", "registers matched", "ms", "result"):
             table.add_column(col)
@@ -122,4 +146,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
             )
         out.print(table)
         out.print(f"{sum(r['ok'] for r in rows)}/{len(rows)} logs replay to their recorded values")
-    return 0 if ok else 1
+    return rows

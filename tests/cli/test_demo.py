@@ -1,0 +1,31 @@
+"""``cima demo``: the whole chain on this machine, as ``make demo`` runs it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cima.cli.main import main
+from cima.platform.swtpm import available
+
+
+@pytest.mark.parametrize("platform", ["tpm", "software"])
+def test_demo_chain_affirms_then_contraindicates(
+    platform: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    if platform == "tpm" and available():
+        pytest.skip(str(available()))
+    code = main(["demo", "--platform", platform, "--keep", str(tmp_path), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0, doc
+    assert doc["vectors"]["ok"] is True
+    chain = doc["chain"]
+    assert chain["run2"]["status"] == "affirming"
+    assert chain["run3"]["status"] == "contraindicated"
+    # the change is named: the restarted process and its new command line
+    reasons = " ".join(f["reason"] for f in chain["run3"]["failures"])
+    assert "/usr/bin/containerd" in reasons and "--log-level debug" in reasons
+    assert chain["run3"]["submods"]["system"] == "contraindicated"
+    assert (tmp_path / "references.yaml").exists()
