@@ -44,6 +44,7 @@ from cima.eventlog.event import Measurement
 from cima.eventlog.replay import replay
 from cima.evidence.batch import InclusionProof
 from cima.evidence.bundle import EvidenceBundle
+from cima.evidence.reportdata import SCOPED_BINDING_TAG
 from cima.registers import RegisterBank, RegisterValue, cc_name, pcr_name
 
 __all__ = [
@@ -89,8 +90,10 @@ class AgentReport:
     TPMT_SIGNATURE) or ``tdx-quote`` (``body`` the quote). ``binding`` is what
     the request binds (DESIGN.md section 4); with ``batch`` the report binds
     the batch's root, which ``batch.root_from(binding)`` gives, else the
-    binding itself. Either way :attr:`report_nonce` is what the report binds as
-    its nonce, with no user data.
+    binding itself. :attr:`report_nonce` and :attr:`report_user_data` are what
+    the report binds: the binding (node scope: the nonce and user data
+    concatenated, with no user data) or, for a container scope or a batch, the
+    binding or the root with :data:`~cima.evidence.reportdata.SCOPED_BINDING_TAG`.
     """
 
     platform: str
@@ -105,6 +108,12 @@ class AgentReport:
     @property
     def report_nonce(self) -> bytes:
         return self.binding if self.batch is None else self.batch.root_from(self.binding)
+
+    @property
+    def report_user_data(self) -> bytes:
+        if self.batch is None and self.scope == "node":
+            return b""
+        return SCOPED_BINDING_TAG
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from cima.agent.events import canonical, container_scope
 from cima.digests import by_id, by_name
 from cima.errors import PlatformError
 from cima.eventlog import ccel
-from cima.evidence.reportdata import container_binding, tdx_report_data
+from cima.evidence.reportdata import SCOPED_BINDING_TAG, container_binding, tdx_report_data
 from cima.evidence.tdx import TDXQuote
 from cima.evidence.tpm import Quote, Signature, verify_quote
 from cima.platform.base import Platform, Report
@@ -317,7 +317,7 @@ def test_get_cc_report_of_a_container_binds_its_register(agent: Agent) -> None:
         if e.scope == container_scope(A):
             register = hashlib.sha384(register + e.digest).digest()
     binding = container_binding(register, nonce, b"", "sha384")
-    _check_cc_report(agent, r, binding, b"")
+    _check_cc_report(agent, r, binding, SCOPED_BINDING_TAG)
 
 
 @pytest.mark.parametrize(

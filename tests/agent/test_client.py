@@ -162,3 +162,17 @@ def test_default_socket(monkeypatch: pytest.MonkeyPatch) -> None:
     assert default_socket() == Path("/run/cima/cima.sock")
     monkeypatch.setenv("CIMA_SOCKET", "/tmp/x.sock")
     assert default_socket() == Path("/tmp/x.sock")
+
+
+def test_node_request_may_not_use_the_scoped_tag(client: CimaClient) -> None:
+    # Otherwise a host caller could obtain a report that reads as a container's.
+    from cima.evidence.reportdata import SCOPED_BINDING_TAG
+
+    for nonce, user_data in (
+        (b"n", SCOPED_BINDING_TAG),
+        (b"n" + SCOPED_BINDING_TAG[:5], SCOPED_BINDING_TAG[5:]),
+    ):
+        with pytest.raises(AgentError) as info:
+            client.get_cc_report(nonce, user_data)
+        assert info.value.code == "INVALID_ARGUMENT"
+    assert client.get_cc_report(b"n", b"ok").binding == b"nok"

@@ -37,7 +37,7 @@ from cima.eventlog.ima import IMAEntry, parse_ascii
 from cima.eventlog.replay import replay
 from cima.evidence.batch import verify_inclusion
 from cima.evidence.bundle import EvidenceBundle, TPMQuoteReport
-from cima.evidence.reportdata import tpm_qualifying_data
+from cima.evidence.reportdata import SCOPED_BINDING_TAG, tpm_qualifying_data
 from cima.evidence.tpm import Quote, verify_quote
 from cima.platform.base import Platform
 from cima.platform.ima import IMAReader
@@ -578,10 +578,19 @@ def _check_report(agent: Agent, r: Any, nonce: bytes, user_data: bytes) -> None:
             _proof(r.batch),
             r.batch.root,
         )
-        report_nonce = r.batch.root
+        report_nonce, report_user_data = r.batch.root, SCOPED_BINDING_TAG
+    elif r.scope == "node":
+        report_nonce, report_user_data = r.binding, b""
     else:
-        report_nonce = r.binding
-    verify_quote(r.report, r.signature, verification["ak_pem"], nonce=report_nonce, pcr_values=pcrs)
+        report_nonce, report_user_data = r.binding, SCOPED_BINDING_TAG
+    verify_quote(
+        r.report,
+        r.signature,
+        verification["ak_pem"],
+        nonce=report_nonce,
+        user_data=report_user_data,
+        pcr_values=pcrs,
+    )
     for (reg, alg), value in pcrs.items():
         assert agent.platform.read(reg, alg) == value
     if r.scope == "node":
@@ -616,6 +625,7 @@ def _check_bundle(agent: Agent, bundle: EvidenceBundle) -> None:
         report.signature,
         report.ak_pem,
         nonce=bundle.report_nonce(),
+        user_data=bundle.report_user_data(),
         pcr_values=quoted,
     )
     assert replay(bundle.runtime_log).get("pcr13", "sha384") == quoted[("pcr13", "sha384")]

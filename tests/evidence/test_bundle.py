@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 from typing import Any
@@ -23,7 +24,7 @@ from cima.evidence.bundle import (
     TPMQuoteReport,
     utc_now,
 )
-from cima.evidence.reportdata import container_binding
+from cima.evidence.reportdata import SCOPED_BINDING_TAG, container_binding
 from cima.evidence.tpm import verify_quote
 from cima.platform.base import Report
 from cima.platform.software import SoftwarePlatform
@@ -90,13 +91,15 @@ class Node:
                 if e.scope == scope:
                     creg = hashlib.sha384(creg + e.digest).digest()
             binding = container_binding(creg, nonce, user_data, "sha384")
-            plain = (binding, b"")
+            plain = (binding, SCOPED_BINDING_TAG)
         proof = root = None
         if batch_with is not None:
             leaves = [*batch_with[:2], binding, *batch_with[2:]]
             tree = MerkleTree(leaves, "sha256")
             proof, root = tree.proof(2), tree.root
-            report = self.platform.report(tree.root, b"", algorithms=["sha256", "sha384"])
+            report = self.platform.report(
+                tree.root, SCOPED_BINDING_TAG, algorithms=["sha256", "sha384"]
+            )
         else:
             report = self.platform.report(*plain, algorithms=["sha256", "sha384"])
         return EvidenceBundle(
@@ -155,6 +158,7 @@ def test_binding_and_quote_verify(name: str) -> None:
         report.signature,
         report.ak_pem,
         nonce=bundle.report_nonce(),
+        user_data=bundle.report_user_data(),
         pcr_values={(v.register, v.algorithm): v.digest for v in report.pcrs},
     )
     # The runtime log replays to the quoted runtime register.
@@ -179,7 +183,18 @@ def test_batched_report_binds_the_root() -> None:
     root = bundle.batch.root_from(bundle.binding)
     assert root == bundle.batch_root == bundle.report_nonce()
     assert isinstance(bundle.report, TPMQuoteReport)
-    assert bundle.report.extra_data == hashlib.sha256(root).digest()
+    assert bundle.report.extra_data == hashlib.sha256(root + SCOPED_BINDING_TAG).digest()
+
+
+def test_node_request_cannot_read_as_a_container_or_a_batch() -> None:
+    # A node-scope caller asking for a report bound to the agent's scoped tag
+    # could relabel it as a container's or a batch's: the verifier refuses it.
+    bundle = BUNDLES["node"]
+    forged = dataclasses.replace(
+        bundle, nonce=b"x" * 8, user_data=SCOPED_BINDING_TAG, binding=b"x" * 8 + SCOPED_BINDING_TAG
+    )
+    with pytest.raises(FreshnessError, match="reserved"):
+        forged.verify_binding()
 
 
 def test_container_register_may_lag_the_log() -> None:

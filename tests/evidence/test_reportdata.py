@@ -46,3 +46,12 @@ def test_container_binding_includes_register() -> None:
 def test_oversized_inputs_refused(nonce: bytes, user_data: bytes, what: str) -> None:
     with pytest.raises(FreshnessError, match=what):
         reportdata.tdx_report_data(nonce, user_data)
+
+
+def test_reserved_tag_is_found_across_the_nonce_and_user_data_boundary() -> None:
+    tag = reportdata.SCOPED_BINDING_TAG
+    assert reportdata.is_reserved(b"n", tag)
+    assert reportdata.is_reserved(b"n" + tag[:4], tag[4:])
+    assert reportdata.is_reserved(b"n" + tag, b"")
+    assert not reportdata.is_reserved(b"n", tag[:-1])
+    assert not reportdata.is_reserved(tag, b"x")

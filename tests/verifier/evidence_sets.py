@@ -42,7 +42,7 @@ from cima.evidence.bundle import (
     TPMQuoteReport,
     container_register,
 )
-from cima.evidence.reportdata import container_binding, tpm_qualifying_data
+from cima.evidence.reportdata import SCOPED_BINDING_TAG, container_binding, tpm_qualifying_data
 from cima.evidence.tpm import PCRSelection, PCRValues, Quote, Signature
 from cima.registers import RegisterBank, RegisterValue
 from tests.vectors import path
@@ -362,13 +362,17 @@ class SoftwareNode:
             container_reg = container_register(runtime, scope, "sha256")
             binding = container_binding(container_reg, nonce, user_data, "sha256")
         proof = None
-        report_nonce = binding
+        # The agent's convention: a node request binds its nonce and user data; a
+        # container request or a batch binds its binding or root with the scoped tag.
+        report_nonce, report_user_data = (
+            (nonce, user_data) if scope == "node" else (binding, SCOPED_BINDING_TAG)
+        )
         if batch_with:
             tree = MerkleTree([*batch_with, binding], "sha256")
             proof = tree.proof(len(batch_with))
-            report_nonce = tree.root
+            report_nonce, report_user_data = tree.root, SCOPED_BINDING_TAG
         quote = Quote.new(
-            extra_data=tpm_qualifying_data(report_nonce, b"", "sha256"),
+            extra_data=tpm_qualifying_data(report_nonce, report_user_data, "sha256"),
             pcr_selection=[sel],
             pcr_digest=digest,
             reset_count=self.reset_count,

@@ -138,7 +138,7 @@ from cima.evidence.bundle import (
     node_binding,
     utc_now,
 )
-from cima.evidence.reportdata import container_binding
+from cima.evidence.reportdata import SCOPED_BINDING_TAG, container_binding, is_reserved
 from cima.platform.base import Platform, Report
 from cima.registers import RegisterBank, RegisterValue, cc_index, cc_name, pcr_index, pcr_name
 
@@ -527,7 +527,9 @@ class _Batcher:
                 results: list[tuple[_Quote, InclusionProof | None]] = [(report, None)]
             else:
                 tree = MerkleTree([p.leaf for p in batch], self.algorithm)
-                report = await loop.run_in_executor(self._executor, self._quote, tree.root, b"")
+                report = await loop.run_in_executor(
+                    self._executor, self._quote, tree.root, SCOPED_BINDING_TAG
+                )
                 results = [(report, tree.proof(i)) for i in range(len(batch))]
             for p, result in zip(batch, results, strict=True):
                 if not p.future.done():
@@ -694,12 +696,17 @@ class _Core:
         self.proven()
         creg: bytes | None = None
         if view.scope == NODE:
+            if is_reserved(nonce, user_data):
+                raise _BadRequest(
+                    "nonce and user data end with the tag reserved for container-scoped "
+                    "and batched reports"
+                )
             leaf = nonce + user_data
             plain = (nonce, user_data)
         else:
             creg = container_register(self.events.snapshot(), view.scope, self.algorithm)
             leaf = container_binding(creg, nonce, user_data, self.algorithm)
-            plain = (leaf, b"")
+            plain = (leaf, SCOPED_BINDING_TAG)
         if batch:
             quote, proof = await self.batcher.submit(leaf, plain)
         else:

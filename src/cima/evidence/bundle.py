@@ -89,7 +89,9 @@ from cima.evidence.batch import InclusionProof, verify_inclusion
 from cima.evidence.reportdata import (
     MAX_NONCE,
     MAX_USER_DATA,
+    SCOPED_BINDING_TAG,
     container_binding,
+    is_reserved,
     tdx_report_data,
     tpm_qualifying_data,
 )
@@ -202,9 +204,9 @@ class TPMQuoteReport:
 
         return Quote.from_bytes(self.attest).extra_data
 
-    def binds(self, report_nonce: bytes) -> None:
-        """Raise :class:`FreshnessError` unless extraData = H_sig(report_nonce)."""
-        expected = tpm_qualifying_data(report_nonce, b"", self.hash_algorithm)
+    def binds(self, report_nonce: bytes, user_data: bytes = b"") -> None:
+        """Raise :class:`FreshnessError` unless extraData = H_sig(report_nonce || user_data)."""
+        expected = tpm_qualifying_data(report_nonce, user_data, self.hash_algorithm)
         if not hmac.compare_digest(self.extra_data, expected):
             raise FreshnessError(
                 f"the TPM quote's extraData {self.extra_data.hex()} does not bind "
@@ -231,12 +233,12 @@ class TDXQuoteReport:
 
     type = "tdx-quote"
 
-    def binds(self, report_nonce: bytes) -> None:
-        """Raise :class:`FreshnessError` unless REPORTDATA = SHA-512(report_nonce)."""
+    def binds(self, report_nonce: bytes, user_data: bytes = b"") -> None:
+        """Raise :class:`FreshnessError` unless REPORTDATA = SHA-512(report_nonce || user_data)."""
         from cima.evidence.tdx import TDXQuote
 
         got = TDXQuote.from_bytes(self.quote).report_data
-        expected = tdx_report_data(report_nonce, b"")
+        expected = tdx_report_data(report_nonce, user_data)
         if not hmac.compare_digest(got, expected):
             raise FreshnessError(
                 f"the TDX quote's REPORTDATA {got.hex()} does not bind {report_nonce.hex()} "
@@ -298,12 +300,18 @@ class EvidenceBundle:
         )
 
     def report_nonce(self) -> bytes:
-        """What the report binds as its nonce (no user data): the batch root, else the binding."""
+        """What the report binds as its nonce: the batch root, else the request's own values."""
         if self.batch is None:
-            return self.binding
+            return self.nonce if self.scope == NODE else self.binding
         if self.batch_root is None:
             raise FreshnessError("a batched bundle without its batch root")
         return self.batch_root
+
+    def report_user_data(self) -> bytes:
+        """What the report binds as its user data (see :data:`SCOPED_BINDING_TAG`)."""
+        if self.batch is None and self.scope == NODE:
+            return self.user_data
+        return SCOPED_BINDING_TAG
 
     def verify_binding(self) -> None:
         """Raise :class:`FreshnessError` unless the report binds this request.
@@ -326,7 +334,12 @@ class EvidenceBundle:
                     f"the container register {self.container_register.hex()} is not the replay "
                     f"of the container's events in any prefix of the runtime log"
                 )
-        # (2) binding
+        # (2) binding; a node-scoped request may not use the scoped requests' tag
+        if self.scope == NODE and is_reserved(self.nonce, self.user_data):
+            raise FreshnessError(
+                "a node-scoped bundle whose nonce and user data end with the tag reserved "
+                "for container-scoped and batched reports"
+            )
         expected = self.expected_binding()
         if not hmac.compare_digest(expected, self.binding):
             raise FreshnessError(
@@ -334,14 +347,12 @@ class EvidenceBundle:
                 f"data give ({expected.hex()})"
             )
         # (3) batch proof
+        nonce = self.report_nonce()
         if self.batch is not None:
-            nonce = self.report_nonce()
             verify_inclusion(self.binding, self.batch, nonce)
-        else:
-            nonce = self.binding
         # (4) the report
         try:
-            self.report.binds(nonce)
+            self.report.binds(nonce, self.report_user_data())
         except ParseError as e:
             raise FreshnessError(f"the report does not decode: {e}") from e
 

@@ -26,6 +26,22 @@ TDX_REPORT_DATA_SIZE = 64
 
 BindingMode = Literal["hash", "raw"]
 
+#: What the agent quotes as user data for a container-scoped request or a batch
+#: (the container binding or the batch root as the nonce). A node-scoped request
+#: whose ``nonce || user_data`` ends with it is refused by the agent and by the
+#: verifier, so no caller of the node view can obtain a report that reads as
+#: another scope's: the scopes' report inputs are disjoint.
+SCOPED_BINDING_TAG = b"\x00cima/scoped-binding/v1"
+
+
+def is_reserved(nonce: bytes, user_data: bytes) -> bool:
+    """True when ``nonce || user_data`` ends with :data:`SCOPED_BINDING_TAG`."""
+    tag = SCOPED_BINDING_TAG
+    if len(user_data) >= len(tag):
+        return user_data.endswith(tag)
+    cut = len(tag) - len(user_data)
+    return nonce.endswith(tag[:cut]) and tag[cut:] == user_data
+
 
 def _check_sizes(nonce: bytes, user_data: bytes) -> None:
     if len(nonce) > MAX_NONCE:
