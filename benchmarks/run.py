@@ -39,6 +39,9 @@ _COLUMNS = (
     ("entries_per_s", "entries/s", "{:,.0f}"),
     ("ratio_to_floor", "x floor", "{:.2f}"),
     ("peak_rss_mb", "peak RSS MB", "{:.1f}"),
+    ("p50_ms", "p50 ms", "{:.2f}"),
+    ("p99_ms", "p99 ms", "{:.2f}"),
+    ("rss_mb", "RSS MB", "{:.1f}"),
 )
 
 

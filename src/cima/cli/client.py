@@ -64,6 +64,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         r.add_argument("-o", "--output", metavar="FILE", help="also write the result here")
         r.set_defaults(handler=handler)
 
+    from cima.cli import peer
+
+    peer.register(s)
+
 
 def _client(args: argparse.Namespace) -> Any:
     from cima.client import CimaClient

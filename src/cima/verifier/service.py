@@ -1,0 +1,1046 @@
+"""The HTTP verifier service: challenges, evidence in, attestation results out.
+
+Any number of instances may serve one store (:mod:`cima.verifier.store`):
+everything they share lives in the database, so a challenge handed out by one
+instance is accepted by any other, once.
+
+API (version 1; the OpenAPI description is served at ``/openapi.json`` and
+kept in ``docs/verifier-openapi.json``):
+
+``POST /v1/challenge`` ``{"node_id": "..."}`` (optional)
+    a fresh nonce: ``{"nonce": "<hex>", "session": "...", "node_id": ...,
+    "expires": "<RFC 3339>"}``.
+``POST /v1/attest[?session=S][&node=N][&reference=NAME]``
+    the body is an evidence bundle (:mod:`cima.evidence.bundle`) whose
+    ``nonce`` came from a challenge; the nonce is consumed (once, across every
+    instance), the evidence appraised against reference set ``NAME``
+    (``default``), and the result stored and returned:
+    ``{"id", "node_id", "key_id", "created", "status", "session",
+    "reference", "result", "token"}``, ``token`` the result signed as a JWT
+    (ES256, EAR claims) when the service has a key. The node is the
+    challenge's ``node_id``, else ``N``, else derived from the report's
+    signing key (``key-<hex>``). A node name is what the caller says;
+    ``key_id`` in every result (``cima.key`` in the token) names the key that
+    signed the evidence, which is what ties the name to a machine for a
+    relying party that pins it.
+``PUT /v1/references/{name}`` (YAML or JSON body), ``GET /v1/references/{name}[?version=V]``
+    named, versioned sets of reference values; ``GET /v1/references`` lists them.
+``GET /v1/results[?node=N][&limit=L][&before=ID]``, ``GET /v1/results/{id}``
+    stored results, newest first; ``GET /v1/nodes/{node}/results/latest`` a node's newest.
+``GET /v1/keys``
+    the public key that signs result tokens, as a JSON Web Key Set.
+``GET /healthz``
+    ``{"status": "ok"}`` when the store answers, 503 otherwise.
+
+Errors are ``{"detail": "<one line>", "error": "<code>"}``: 400 unreadable
+body (not JSON, not YAML), 403 nonce unknown, expired or of another session,
+404 no such thing, 409 nonce already used, 413 body over the cap
+(``max_body``, 64 MiB by default), 415 a body type the endpoint does not
+take, 422 a body that decodes but is not valid (the field is named: a missing
+field, a wrong type, an unsupported bundle version), 503 store unavailable.
+A refused request changes nothing stored and leaves its nonce usable: a
+nonce is spent in the transaction that stores its attestation's result (an
+appraisal that finds the evidence bad is a result too, ``contraindicated``).
+
+Appraisal (:func:`cima.verifier.appraise.appraise`) is incremental: each
+node's appraisal state is kept in the store, tied to the report's signing key
+(a state written for another key is not used), and updated with optimistic
+concurrency: when two attestations of one node are appraised at once, the
+first to finish stores its state and the other only its result.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, TypeVar
+
+import anyio
+import anyio.to_thread
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from cima.errors import CimaError, ParseError, UnsupportedFormatError
+from cima.evidence.bundle import EvidenceBundle, TDXQuoteReport, TPMQuoteReport
+from cima.verifier.appraise import AppraisalState
+from cima.verifier.appraise import appraise as run_appraisal
+from cima.verifier.reference import ReferenceValues, load_references
+from cima.verifier.store import (
+    Challenge,
+    NonceError,
+    NotFoundError,
+    ReferenceRecord,
+    Store,
+    StoredResult,
+    StoreError,
+    check_name,
+    check_node_id,
+)
+
+__all__ = [
+    "DEFAULT_MAX_BODY",
+    "DEFAULT_REFERENCE",
+    "Appraisal",
+    "ServiceConfig",
+    "ServiceError",
+    "VerifierService",
+    "create_app",
+    "load_jwt_key",
+    "openapi_document",
+]
+
+log = logging.getLogger("cima.verifier")
+T = TypeVar("T")
+
+#: The largest request body accepted by default (a bundle with a long IMA log is tens of MB).
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+#: The reference set an attestation is appraised against unless the request names one.
+DEFAULT_REFERENCE = "default"
+#: How many parsed reference sets an instance keeps.
+_REFERENCE_CACHE = 32
+#: How often an instance deletes long-expired challenges, and how long after expiry.
+_PURGE_EVERY = 600.0
+_PURGE_AFTER = timedelta(days=1)
+
+JSON_TYPES = ("application/json",)
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
+
+
+class ServiceError(CimaError):
+    """A request the service refuses: an HTTP status, a short code and a one-line reason."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status = status
+        self.code = code
+        super().__init__(message)
+
+
+# -- appraisal -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Appraisal:
+    """What the service needs of one appraisal."""
+
+    status: str
+    """The overall status (EAR: affirming, warning, contraindicated, none)."""
+    document: dict[str, Any]
+    """The attestation result as JSON (EAR-style)."""
+    state: dict[str, Any] | None
+    """The node's appraisal state after this evidence (None: keep none)."""
+    claims: dict[str, Any]
+    """The result's claims as a token carries them (EAR)."""
+
+
+class Appraiser(Protocol):
+    def __call__(
+        self,
+        bundle: EvidenceBundle,
+        references: ReferenceValues,
+        *,
+        nonce: bytes,
+        state: dict[str, Any] | None,
+    ) -> Appraisal: ...
+
+
+def parse_references(text: str, source: str) -> ReferenceValues:
+    """Read and validate reference values (YAML or JSON text)."""
+    return load_references(text, source=source)
+
+
+def appraise(
+    bundle: EvidenceBundle,
+    references: ReferenceValues,
+    *,
+    nonce: bytes,
+    state: dict[str, Any] | None,
+) -> Appraisal:
+    """Run :func:`cima.verifier.appraise.appraise` with the node's state."""
+    previous = None
+    if state is not None:
+        try:
+            previous = AppraisalState.from_dict(state)
+        except ParseError as e:  # written by another cima version: start over
+            log.info("stored appraisal state not used: %s", e)
+    result = run_appraisal(bundle, references, nonce=nonce, state=previous)
+    new_state = result.state.to_dict() if result.state is not None else None
+    return Appraisal(
+        status=str(result.status),
+        document=result.to_dict(),
+        state=new_state,
+        claims=result.claims(),
+    )
+
+
+# -- keys and tokens -----------------------------------------------------------------------------
+
+
+def load_jwt_key(pem: bytes | str) -> ec.EllipticCurvePrivateKey:
+    """The EC P-256 private key (PEM) that signs result tokens (ES256, as EAR results are)."""
+    data = pem.encode() if isinstance(pem, str) else pem
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        raise CimaError(f"not an unencrypted PEM private key: {e}") from e
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise CimaError(
+            "result tokens are signed with ES256: give an EC P-256 private key "
+            "(openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256)"
+        )
+    return key
+
+
+def _b64u(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class TokenSigner:
+    """Signs results as JWTs (ES256, EAR claims) and publishes the public key as a JWK."""
+
+    algorithm = "ES256"
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey) -> None:
+        import jwt
+
+        self.key = key
+        jwk = json.loads(jwt.get_algorithm_by_name(self.algorithm).to_jwk(key.public_key()))
+        # RFC 7638 thumbprint: the required members, sorted, no white space.
+        members = {k: jwk[k] for k in ("crv", "kty", "x", "y")}
+        self.kid = _b64u(
+            hashlib.sha256(
+                json.dumps(members, sort_keys=True, separators=(",", ":")).encode()
+            ).digest()
+        )
+        self.jwk = {**jwk, "kid": self.kid, "alg": self.algorithm, "use": "sig"}
+        self.public_pem = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def sign(self, claims: Mapping[str, Any]) -> str:
+        import jwt
+
+        token: str = jwt.encode(
+            dict(claims), self.key, algorithm=self.algorithm, headers={"kid": self.kid}
+        )
+        return token
+
+
+# -- the service (no HTTP) ------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ServiceConfig:
+    """How one verifier instance behaves."""
+
+    max_body: int = DEFAULT_MAX_BODY
+    challenge_ttl: timedelta = timedelta(minutes=5)
+    default_reference: str = DEFAULT_REFERENCE
+    jwt_key: ec.EllipticCurvePrivateKey | None = None
+    threads: int = 4
+    """Threads for the blocking work of requests (database, cryptography, appraisal)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    version: int
+    digest: str
+    references: ReferenceValues
+
+
+class VerifierService:
+    """The verifier's operations over a store; :func:`create_app` is its thin HTTP adapter.
+
+    Every method is blocking (database, cryptography) and thread-safe.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        config: ServiceConfig | None = None,
+        *,
+        appraiser: Appraiser = appraise,
+    ) -> None:
+        self.store = store
+        self.config = config or ServiceConfig()
+        self.appraiser = appraiser
+        self.signer = TokenSigner(self.config.jwt_key) if self.config.jwt_key is not None else None
+        self._cache: OrderedDict[str, _Parsed] = OrderedDict()
+        self._lock = threading.Lock()
+        self._last_purge = time.monotonic()
+
+    # -- challenges ----------------------------------------------------------------------------
+    def challenge(self, node_id: str | None = None) -> Challenge:
+        if node_id is not None:
+            _node(node_id)
+        self._maybe_purge()
+        return self.store.create_challenge(node_id=node_id, ttl=self.config.challenge_ttl)
+
+    def _maybe_purge(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last_purge < _PURGE_EVERY:
+                return
+            self._last_purge = now
+        try:
+            self.store.purge_challenges(expired_before=datetime.now(UTC) - _PURGE_AFTER)
+        except StoreError as e:  # housekeeping only
+            log.warning("purging expired challenges failed: %s", e)
+
+    # -- references ----------------------------------------------------------------------------
+    def put_reference(
+        self, name: str, body: bytes, media_type: str | None
+    ) -> tuple[ReferenceRecord, bool]:
+        """Store a new version of reference set ``name``; (the record, whether it is new)."""
+        _name(name)
+        text = _text(body)
+        kind = _media(media_type)
+        if kind == "json":
+            try:
+                doc = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ServiceError(400, "bad-json", f"reference values: not JSON: {e}") from None
+        else:
+            doc = _load_yaml(text)
+        if not isinstance(doc, dict):
+            raise ServiceError(
+                422, "invalid-references", "reference values: the document must be a mapping"
+            )
+        try:
+            parsed = parse_references(text, f"reference set {name}")
+        except (CimaError, ValueError) as e:
+            raise ServiceError(422, "invalid-references", str(e)) from None
+        normalised = parsed.to_dict()
+        before = self._head(name)
+        record = self.store.put_reference(
+            name,
+            normalised,
+            source=text,
+            media_type="application/json" if kind == "json" else "application/yaml",
+        )
+        return record, before is None or before[0] != record.version
+
+    def _head(self, name: str) -> tuple[int, str] | None:
+        try:
+            return self.store.reference_head(name)
+        except NotFoundError:
+            return None
+
+    def get_reference(self, name: str, version: int | None = None) -> ReferenceRecord:
+        _name(name)
+        try:
+            return self.store.get_reference(name, version)
+        except NotFoundError as e:
+            raise ServiceError(404, "not-found", str(e)) from None
+
+    def _references(self, name: str, version: int, digest: str) -> ReferenceValues:
+        """Version ``version`` of reference set ``name``, parsed (cached by content digest)."""
+        key = f"{name}\x00{version}"
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None and hit.digest == digest:
+                self._cache.move_to_end(key)
+                return hit.references
+        record = self.store.get_reference(name, version)
+        try:
+            parsed = parse_references(
+                json.dumps(record.document), f"stored reference set {name} v{version}"
+            )
+        except (CimaError, ValueError) as e:
+            raise ServiceError(
+                500, "bad-stored-references", f"stored reference set {name} v{version}: {e}"
+            ) from e
+        with self._lock:
+            self._cache[key] = _Parsed(version, record.digest, parsed)
+            while len(self._cache) > _REFERENCE_CACHE:
+                self._cache.popitem(last=False)
+        return parsed
+
+    # -- attestation ---------------------------------------------------------------------------
+    def attest(
+        self,
+        body: bytes,
+        *,
+        session: str | None = None,
+        node: str | None = None,
+        reference: str | None = None,
+    ) -> StoredResult:
+        """Appraise one evidence bundle (JSON bytes) and store the result.
+
+        Steps:
+        (1) decode the bundle (400 not JSON, 422 not a valid bundle);
+        (2) read, in one transaction: the challenge of the bundle's nonce, which must be
+            issued by this cluster, unexpired and unused (403, 409); the reference set's
+            latest version (404); the node (the challenge's, else the request's, else
+            the signing key's) and its stored appraisal state;
+        (3) appraise, from that state when it was left by the same signing key;
+        (4) sign the result when the service has a key;
+        (5) in one transaction: consume the nonce (exactly once across every instance:
+            of two attestations with one nonce, the second is refused here and stores
+            nothing), store the result, and the node's new state unless another
+            attestation of the node stored a newer one meanwhile.
+        A request refused before (5) leaves its nonce usable.
+        """
+        # (1) the bundle
+        bundle = decode_bundle(body)
+        if node is not None:
+            _node(node)
+        name = _name(reference or self.config.default_reference)
+        key_id = signing_key_id(bundle)
+
+        def node_of(challenge: Challenge) -> str:
+            if challenge.node_id is not None and node is not None and node != challenge.node_id:
+                raise ServiceError(
+                    400,
+                    "node-mismatch",
+                    f"the challenge was issued for node {challenge.node_id!r}, not {node!r}",
+                )
+            return challenge.node_id or node or f"key-{key_id.split(':', 1)[1][:32]}"
+
+        # (2) the challenge, the reference values, the node
+        try:
+            started = self.store.begin_attestation(
+                bundle.nonce, session=session, reference=name, node=node_of
+            )
+        except NonceError as e:
+            raise _nonce_refused(e) from None
+        except NotFoundError:
+            raise ServiceError(
+                404,
+                "no-references",
+                f"reference set {name!r}: not found (store it with PUT /v1/references/{name})",
+            ) from None
+        _, version, digest = started.reference
+        references = self._references(name, version, digest)
+        # (3) appraise
+        stored = started.node
+        previous = stored.state if stored.key_id == key_id else None
+        appraisal = self.appraiser(
+            bundle, references, nonce=started.challenge.nonce, state=previous
+        )
+        created = datetime.now(UTC)
+        # (4) the token
+        token = self._token(appraisal, stored.node_id, key_id, started.challenge, created)
+        # (5) consume the nonce, store
+        try:
+            result, saved = self.store.finish_attestation(
+                started,
+                status=appraisal.status,
+                document=appraisal.document,
+                token=token,
+                state=appraisal.state,
+                key_id=key_id,
+                created=created,
+            )
+        except NonceError as e:
+            raise _nonce_refused(e) from None
+        if appraisal.state is not None and not saved:
+            log.info("node %s: a newer appraisal state was stored meanwhile", stored.node_id)
+        return result
+
+    def _token(
+        self,
+        appraisal: Appraisal,
+        node_id: str,
+        key_id: str,
+        challenge: Challenge,
+        created: datetime,
+    ) -> str | None:
+        if self.signer is None:
+            return None
+        claims: dict[str, Any] = dict(appraisal.claims)
+        claims.setdefault("iat", int(created.timestamp()))
+        claims.setdefault("eat_nonce", _b64u(challenge.nonce))
+        claims["cima.node"] = node_id
+        claims["cima.key"] = key_id
+        return self.signer.sign(claims)
+
+    # -- results -------------------------------------------------------------------------------
+    def results(
+        self, node: str | None = None, *, limit: int = 100, before: int | None = None
+    ) -> list[StoredResult]:
+        if node is not None:
+            _node(node)
+        return self.store.results(node_id=node, limit=limit, before=before)
+
+    def latest(self, node: str) -> StoredResult:
+        _node(node)
+        found = self.store.latest_result(node)
+        if found is None:
+            raise ServiceError(404, "not-found", f"node {node!r}: no results")
+        return found
+
+    def result(self, result_id: int) -> StoredResult:
+        try:
+            return self.store.get_result(result_id)
+        except NotFoundError as e:
+            raise ServiceError(404, "not-found", str(e)) from None
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _nonce_refused(e: NonceError) -> ServiceError:
+    return ServiceError(409 if e.reason == "used" else 403, f"nonce-{e.reason}", str(e))
+
+
+def decode_bundle(body: bytes) -> EvidenceBundle:
+    """A bundle from request bytes: 400 when not JSON, 422 when not a valid bundle."""
+    try:
+        doc = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ServiceError(400, "bad-json", f"evidence bundle: not JSON: {e}") from None
+    except RecursionError:
+        raise ServiceError(400, "bad-json", "evidence bundle: JSON nested too deeply") from None
+    try:
+        return EvidenceBundle.from_dict(doc)
+    except UnsupportedFormatError as e:
+        raise ServiceError(422, "unsupported-version", str(e)) from None
+    except ParseError as e:
+        raise ServiceError(422, "invalid-bundle", f"evidence bundle: {e}") from None
+
+
+def signing_key_id(bundle: EvidenceBundle) -> str:
+    """``sha256:<hex>`` of the key that signed the report (TPM AK SPKI, TDX attestation key)."""
+    report = bundle.report
+    if isinstance(report, TPMQuoteReport):
+        try:
+            key = serialization.load_pem_public_key(report.ak_pem.encode())
+            material = key.public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        except (ValueError, TypeError, UnsupportedFormatError):
+            material = report.ak_pem.encode()
+    else:
+        assert isinstance(report, TDXQuoteReport)
+        try:
+            from cima.evidence.tdx import TDXQuote
+
+            material = TDXQuote.from_bytes(report.quote).signature_data.attestation_key
+        except (ParseError, AttributeError):
+            material = report.quote[:48]
+    return "sha256:" + hashlib.sha256(material).hexdigest()
+
+
+def _node(node: str) -> str:
+    try:
+        return check_node_id(node)
+    except ValueError as e:
+        raise ServiceError(422, "invalid-node", str(e)) from None
+
+
+def _name(name: str) -> str:
+    try:
+        return check_name(name)
+    except ValueError as e:
+        raise ServiceError(422, "invalid-name", str(e)) from None
+
+
+def _text(body: bytes) -> str:
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ServiceError(400, "bad-encoding", f"the body is not UTF-8: {e}") from None
+
+
+def _media(media_type: str | None) -> str:
+    """``json`` or ``yaml`` for a Content-Type (none: YAML, which reads JSON too)."""
+    if not media_type:
+        return "yaml"
+    base = media_type.split(";", 1)[0].strip().lower()
+    if base in JSON_TYPES or base.endswith("+json"):
+        return "json"
+    if base in YAML_TYPES or base in ("text/plain", "application/octet-stream"):
+        return "yaml"
+    raise ServiceError(
+        415, "unsupported-media-type", f"{base}: send application/json or application/yaml"
+    )
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses aliases (no billion-laughs expansion)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event: Any = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.YAMLError(f"line {event.start_mark.line + 1}: YAML aliases are not accepted")
+        return super().compose_node(parent, index)
+
+
+def _load_yaml(text: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ServiceError(
+            400, "bad-yaml", "reference values: not YAML: " + " ".join(str(e).split())
+        ) from None
+    except RecursionError:
+        raise ServiceError(400, "bad-yaml", "reference values: nested too deeply") from None
+
+
+# -- HTTP ----------------------------------------------------------------------------------------
+
+#: The version of the HTTP API in the OpenAPI description.
+API_VERSION = "1.0.0"
+
+
+#: The environment variable that carries ``cima verifier serve``'s settings to worker processes.
+SETTINGS_VARIABLE = "CIMA_VERIFIER_SETTINGS"
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one worker process of ``cima verifier serve --workers N`` (uvicorn factory)."""
+    settings = json.loads(os.environ[SETTINGS_VARIABLE])
+    key = None
+    if settings.get("jwt_key"):
+        with open(settings["jwt_key"], "rb") as f:
+            key = load_jwt_key(f.read())
+    config = ServiceConfig(
+        max_body=int(settings["max_body"]),
+        challenge_ttl=timedelta(seconds=float(settings["challenge_ttl"])),
+        default_reference=str(settings["reference"]),
+        jwt_key=key,
+        threads=int(settings["threads"]),
+    )
+    store = Store(str(settings["store"]), instance=f"{settings['instance']}/{os.getpid()}")
+    return create_app(VerifierService(store, config), close_store=True)
+
+
+def instance_name() -> str:
+    """A default name for this instance: host and process id."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class ChallengeRequest(BaseModel):
+    """Body of ``POST /v1/challenge``."""
+
+    model_config = ConfigDict(extra="forbid")
+    node_id: str | None = Field(
+        default=None,
+        max_length=253,
+        description="The node that will answer; its result is stored under this id.",
+    )
+
+
+class ChallengeResponse(BaseModel):
+    nonce: str = Field(description="Hex; the evidence must bind it (bundle field `nonce`).")
+    session: str
+    node_id: str | None
+    expires: str = Field(description="RFC 3339, UTC.")
+
+
+class ReferenceName(BaseModel):
+    name: str
+    version: int
+
+
+class AttestationResponse(BaseModel):
+    id: int
+    node_id: str
+    key_id: str | None = Field(
+        description="sha256:<hex> of the public key that signed the evidence (TPM AK, TDX "
+        "attestation key): what ties the node name to a machine."
+    )
+    created: str
+    status: str = Field(description="affirming | warning | contraindicated | none")
+    session: str | None
+    reference: ReferenceName | None
+    result: dict[str, Any] = Field(description="The attestation result (EAR-style).")
+    token: str | None = Field(
+        description="The result as a signed JWT, when the verifier has a key."
+    )
+
+
+class ResultList(BaseModel):
+    results: list[AttestationResponse]
+
+
+class Reference(BaseModel):
+    name: str
+    version: int
+    created: str
+    digest: str = Field(description="SHA-256 of the document's canonical JSON.")
+    document: dict[str, Any] | None = None
+
+
+class ReferenceList(BaseModel):
+    references: list[Reference]
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+    error: str
+
+
+class Health(BaseModel):
+    status: str
+    instance: str
+    schema_version: int
+
+
+class KeySet(BaseModel):
+    keys: list[dict[str, Any]]
+
+
+def _bundle_schemas() -> dict[str, Any]:
+    """The evidence bundle's JSON Schema as OpenAPI components (its ``$defs`` lifted out)."""
+    from cima.evidence.bundle import SCHEMA_PATH
+
+    schema = json.loads(SCHEMA_PATH.read_text())
+    defs = schema.pop("$defs", {})
+    schema.pop("$schema", None)
+    schema.pop("$id", None)
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {
+                k: (
+                    "#/components/schemas/EvidenceBundle_" + v.removeprefix("#/$defs/")
+                    if k == "$ref" and isinstance(v, str) and v.startswith("#/$defs/")
+                    else rewrite(v)
+                )
+                for k, v in node.items()
+            }
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return node
+
+    out = {"EvidenceBundle": rewrite(schema)}
+    for name, sub in defs.items():
+        out[f"EvidenceBundle_{name}"] = rewrite(sub)
+    return out
+
+
+def create_app(service: VerifierService | None, *, close_store: bool = False) -> FastAPI:
+    """The FastAPI application of one verifier instance (``None``: for the description only).
+
+    ``close_store``: close the service's store when the server shuts down.
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if close_store and service is not None:
+                service.store.close()
+
+    errors: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorResponse} for code in (400, 403, 404, 409, 413, 415, 422, 503)
+    }
+    app = FastAPI(
+        title="cima verifier",
+        version=API_VERSION,
+        description=(
+            "Challenges (nonces), evidence bundles in, attestation results out. "
+            "Any number of instances may share one store; a nonce is accepted once."
+        ),
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+        lifespan=lifespan,
+    )
+
+    limiter: list[anyio.CapacityLimiter] = []
+
+    async def blocking(fn: Callable[[], T]) -> T:
+        """Run ``fn`` (database, cryptography, appraisal) on one of the service's threads.
+
+        A few threads: the work holds the GIL most of the time, and more threads
+        than cores only add switching (``ServiceConfig.threads``).
+        """
+        if not limiter:
+            limiter.append(anyio.CapacityLimiter(service.config.threads if service else 1))
+        return await anyio.to_thread.run_sync(fn, limiter=limiter[0])
+
+    def svc() -> VerifierService:
+        if service is None:  # pragma: no cover - description-only app
+            raise ServiceError(503, "no-service", "this application only describes the API")
+        return service
+
+    def limit() -> int:
+        return svc().config.max_body
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_request: Request, e: ServiceError) -> JSONResponse:
+        return JSONResponse({"detail": str(e), "error": e.code}, status_code=e.status)
+
+    @app.exception_handler(NotFoundError)
+    async def _not_found(_request: Request, e: NotFoundError) -> JSONResponse:
+        return JSONResponse({"detail": str(e), "error": "not-found"}, status_code=404)
+
+    @app.exception_handler(StoreError)
+    async def _store_error(_request: Request, e: StoreError) -> JSONResponse:
+        log.error("store: %s", e)
+        return JSONResponse({"detail": str(e), "error": "store-unavailable"}, status_code=503)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
+        parts = []
+        for item in e.errors():
+            where = ".".join(str(x) for x in item.get("loc", ()) if x != "body")
+            msg = "unknown field" if item.get("type") == "extra_forbidden" else item.get("msg")
+            parts.append(f"{where}: {msg}" if where else str(msg))
+        return JSONResponse(
+            {"detail": "; ".join(parts) or "invalid request", "error": "invalid-request"},
+            status_code=422,
+        )
+
+    async def read_body(request: Request) -> bytes:
+        # _BodyCap (below) refuses a body over the cap, declared or streamed.
+        chunks = [chunk async for chunk in request.stream()]
+        return b"".join(chunks)
+
+    @app.get(
+        "/healthz",
+        response_model=Health,
+        responses={503: {"model": ErrorResponse}},
+        tags=["service"],
+    )
+    async def healthz() -> JSONResponse:
+        """The instance is up and its store answers."""
+        s = svc()
+        version = await blocking(s.store.schema_version)
+        return JSONResponse(
+            {"status": "ok", "instance": s.store.instance, "schema_version": version}
+        )
+
+    @app.post(
+        "/v1/challenge",
+        response_model=ChallengeResponse,
+        responses=errors,
+        tags=["attestation"],
+    )
+    async def challenge(body: ChallengeRequest | None = None) -> JSONResponse:
+        """A fresh nonce for one attestation, usable once at any instance until it expires."""
+        node_id = None if body is None else body.node_id
+        made = await blocking(lambda: svc().challenge(node_id))
+        return JSONResponse(made.to_dict())
+
+    @app.post(
+        "/v1/attest",
+        response_model=AttestationResponse,
+        responses=errors,
+        tags=["attestation"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "description": "An evidence bundle (cima.evidence.bundle) that binds a nonce.",
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/EvidenceBundle"}}
+                },
+            }
+        },
+    )
+    async def attest(
+        request: Request,
+        session: str | None = Query(
+            default=None, max_length=64, description="The challenge's session."
+        ),
+        node: str | None = Query(
+            default=None, max_length=253, description="The node, when the challenge named none."
+        ),
+        reference: str | None = Query(
+            default=None, max_length=200, description="The reference set (default: `default`)."
+        ),
+    ) -> JSONResponse:
+        """Appraise an evidence bundle; the result is stored and returned."""
+        _json_only(request.headers.get("content-type"))
+        body = await read_body(request)
+        stored = await blocking(
+            lambda: svc().attest(body, session=session, node=node, reference=reference)
+        )
+        return JSONResponse(stored.to_dict())
+
+    @app.put(
+        "/v1/references/{name}",
+        response_model=Reference,
+        responses={**errors, 201: {"model": Reference, "description": "A new version."}},
+        tags=["references"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "description": "Reference values (cima.verifier.reference), YAML or JSON.",
+                "content": {
+                    "application/yaml": {"schema": {"type": "object"}},
+                    "application/json": {"schema": {"type": "object"}},
+                },
+            }
+        },
+    )
+    async def put_reference(
+        request: Request, name: str = PathParam(max_length=200)
+    ) -> JSONResponse:
+        """Store reference values as the next version of set `name` (200 if unchanged)."""
+        body = await read_body(request)
+        media_type = request.headers.get("content-type")
+        record, new = await blocking(lambda: svc().put_reference(name, body, media_type))
+        return JSONResponse(record.to_dict(with_document=False), status_code=201 if new else 200)
+
+    @app.get("/v1/references", response_model=ReferenceList, responses=errors, tags=["references"])
+    async def list_references() -> JSONResponse:
+        """The latest version of every reference set (without documents)."""
+        found = await blocking(svc().store.list_references)
+        return JSONResponse({"references": [r.to_dict(with_document=False) for r in found]})
+
+    @app.get(
+        "/v1/references/{name}", response_model=Reference, responses=errors, tags=["references"]
+    )
+    async def get_reference(
+        name: str = PathParam(max_length=200),
+        version: int | None = Query(default=None, ge=1, description="Default: the latest."),
+    ) -> JSONResponse:
+        """One version of a reference set, with its document."""
+        record = await blocking(lambda: svc().get_reference(name, version))
+        return JSONResponse(record.to_dict())
+
+    @app.get("/v1/results", response_model=ResultList, responses=errors, tags=["results"])
+    async def results(
+        node: str | None = Query(default=None, max_length=253),
+        limit: int = Query(default=100, ge=1, le=1000),
+        before: int | None = Query(
+            default=None, ge=1, description="Only results with a smaller id."
+        ),
+    ) -> JSONResponse:
+        """Stored results, newest first."""
+        found = await blocking(lambda: svc().results(node, limit=limit, before=before))
+        return JSONResponse({"results": [r.to_dict() for r in found]})
+
+    @app.get(
+        "/v1/results/{result_id}",
+        response_model=AttestationResponse,
+        responses=errors,
+        tags=["results"],
+    )
+    async def result(result_id: int = PathParam(ge=1)) -> JSONResponse:
+        """One stored result."""
+        found = await blocking(lambda: svc().result(result_id))
+        return JSONResponse(found.to_dict())
+
+    @app.get(
+        "/v1/nodes/{node}/results/latest",
+        response_model=AttestationResponse,
+        responses=errors,
+        tags=["results"],
+    )
+    async def latest(node: str = PathParam(max_length=253)) -> JSONResponse:
+        """A node's newest result."""
+        found = await blocking(lambda: svc().latest(node))
+        return JSONResponse(found.to_dict())
+
+    @app.get("/v1/keys", response_model=KeySet, tags=["results"])
+    async def keys() -> JSONResponse:
+        """The key that signs result tokens, as a JSON Web Key Set (empty without a key)."""
+        signer = svc().signer
+        return JSONResponse({"keys": [] if signer is None else [signer.jwk]})
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            doc.setdefault("components", {}).setdefault("schemas", {}).update(_bundle_schemas())
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    app.add_middleware(_BodyCap, cap=limit)
+    return app
+
+
+class _BodyCap:
+    """ASGI middleware: 413 for any request body over the cap (``ServiceConfig.max_body``).
+
+    A declared Content-Length over the cap is answered before the app runs; a
+    streamed body is counted as it is received, and the app's read of it fails
+    with a 413 :class:`ServiceError` when it goes over.
+    """
+
+    def __init__(self, app: Any, cap: Callable[[], int]) -> None:
+        self.app = app
+        self.cap = cap
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        cap = self.cap()
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await _error(send, 400, "bad-length", "Content-Length is not a number")
+                    return
+                if declared > cap:
+                    await _error(
+                        send, 413, "too-large", f"the body is {declared} bytes, at most {cap}"
+                    )
+                    return
+        total = 0
+
+        async def counted() -> Any:
+            nonlocal total
+            message = await receive()
+            if message["type"] == "http.request":
+                total += len(message.get("body", b""))
+                if total > cap:
+                    raise ServiceError(413, "too-large", f"the body is over {cap} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+async def _error(send: Any, status: int, code: str, message: str) -> None:
+    body = json.dumps({"detail": message, "error": code}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _json_only(content_type: str | None) -> None:
+    if content_type is None:
+        return
+    base = content_type.split(";", 1)[0].strip().lower()
+    if base not in JSON_TYPES and not base.endswith("+json"):
+        raise ServiceError(415, "unsupported-media-type", f"{base}: send application/json")
+
+
+def openapi_document() -> dict[str, Any]:
+    """The service's OpenAPI description (what ``/openapi.json`` serves)."""
+    doc: dict[str, Any] = create_app(None).openapi()
+    return doc
+
+
+def openapi_json() -> str:
+    """:func:`openapi_document` as committed in ``docs/verifier-openapi.json``."""
+    return json.dumps(openapi_document(), indent=2, sort_keys=True) + "\n"
