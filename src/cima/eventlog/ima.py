@@ -107,6 +107,7 @@ import binascii
 import hmac
 import io
 import struct
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO, Final
@@ -572,8 +573,8 @@ class IMAEntry:
     offset: int | None = None
     line: int | None = None
     ascii_fields: bytes | None = None
-    _decoded: list[IMAFields] = field(
-        default_factory=list, init=False, repr=False, compare=False, hash=False
+    _decoded: IMAFields | None = field(
+        default=None, init=False, repr=False, compare=False, hash=False
     )
 
     # -- Measurement protocol ---------------------------------------------------
@@ -635,9 +636,12 @@ class IMAEntry:
     @property
     def fields(self) -> IMAFields:
         """The decoded template fields (decoded on first use)."""
-        if not self._decoded:
-            self._decoded.append(self._decode_fields())
-        return self._decoded[0]
+        decoded = self._decoded
+        if decoded is None:
+            # Decoded on first use and kept: most entries of a long list are never asked.
+            decoded = self._decode_fields()
+            object.__setattr__(self, "_decoded", decoded)
+        return decoded
 
     @property
     def file_name(self) -> str | None:
@@ -1065,7 +1069,7 @@ def iter_binary(
             index,
             rec.pcr,
             rec.template_hash,
-            rec.name.decode("ascii"),
+            sys.intern(rec.name.decode("ascii")),
             rec.data,
             offset=base + p,
         )
@@ -1090,7 +1094,7 @@ def parse_binary(
                 len(entries),
                 rec.pcr,
                 rec.template_hash,
-                rec.name.decode("ascii"),
+                sys.intern(rec.name.decode("ascii")),
                 rec.data,
                 offset=p,
             )
@@ -1302,7 +1306,7 @@ def _parse_line(
             line=lineno,
             source=source,
         )
-    name = ntok.decode("ascii")
+    name = sys.intern(ntok.decode("ascii"))
     if name == "ima":
         dtok, _, fname = rest.partition(b" ")
         digest = _unhex(dtok, "field d", line=lineno, source=source)
