@@ -30,6 +30,7 @@ BENCHMARKS: tuple[str, ...] = (
     "bench_tpm",
     "bench_agent",
     "bench_verifier",
+    "bench_service",
 )
 
 _COLUMNS = (
