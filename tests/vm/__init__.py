@@ -7,5 +7,7 @@
 - :mod:`tests.vm.guest_server`: the guest's side of the control channel (its PID 1).
 - :mod:`tests.vm.evidence`: the fixed sequence that collects a boot's logs and quotes.
 - :mod:`tests.vm.checks`: cima, tpm2-tools and ima-evm-utils on that evidence.
+- :mod:`tests.vm.agent`: cima's agent in the guest (a service, a crun container, IMA, the
+  TPM), asked for evidence bundles from the host, and reference values reviewed for them.
 - :mod:`tests.vm.demo`: the same chain for a person (``make demo-vm``).
 """

@@ -15,13 +15,17 @@ The guest is made of Debian packages and of this machine's Python:
   project's virtual environment runs on (its standard library, without tests and tools), the
   distributions ``cima[tpm]`` needs at run time (copied from the virtual environment, file list
   from their ``RECORD``), ``crun`` (Debian), and every shared library they load (``ldd``, plus
-  the TPM device TCTI that tpm2-tss opens with ``dlopen``).
+  the TPM device TCTI that tpm2-tss opens with ``dlopen``); an OCI bundle for crun at
+  ``/opt/container`` (:func:`container_spec`). Its ``/sbin/init`` mounts the unified cgroup
+  hierarchy (cgroup v2) at ``/sys/fs/cgroup``, where crun makes the container's cgroup.
 - the code disk (ext4, read-only, mounted at ``/opt/cima``): ``src/cima``, compiled to
   unchecked-hash ``.pyc``, the guest's control server and the ``cima`` launcher. It is small
   and rebuilt in a second when the code changes; the rest is rebuilt only when the kernel,
   busybox, the interpreter, a distribution or this file changes.
 - a payload disk per boot (``payload_image``): files a test puts in front of IMA, with
   extended attributes (``security.ima`` signatures) set through ``debugfs``.
+- a state disk (``state_image``, optional, read-write, mounted at ``/var/lib/cima``): the
+  machine's persistent storage, attached to every boot of one machine (the agent's journal).
 
 Cache (``$CIMA_VM_CACHE``, default ``~/.cache/cima-vm``)::
 
@@ -84,6 +88,7 @@ MODULES = (
 DISK_ROOT = "cima-root"
 DISK_CODE = "cima-code"
 DISK_PAYLOAD = "cima-payload"
+DISK_STATE = "cima-state"
 #: Name of the virtio-serial port of the control channel.
 CONTROL_PORT = "org.cima.control"
 #: Where things live in the guest.
@@ -91,6 +96,14 @@ GUEST_CODE = "/opt/cima"
 GUEST_PAYLOAD = "/payload"
 GUEST_PYLIB = "/opt/pylib"
 GUEST_PYTHON = "/usr/local/bin/python3"
+#: The writable state disk (the agent's journal), mounted read-write when a boot has one.
+GUEST_STATE = "/var/lib/cima"
+#: An OCI bundle that ``crun`` runs in the guest: a read-only root with the guest's ``/usr``.
+GUEST_CONTAINER = "/opt/container"
+#: The container's id: 64 hex digits, as container runtimes name them, and its cgroup.
+CONTAINER_ID = hashlib.sha256(b"cima-vm container").hexdigest()
+CONTAINER_CGROUP = f"/cima-vm/{CONTAINER_ID}"
+CONTAINER_ARGS = ("/usr/bin/sleep", "1000000")
 
 #: Standard library parts the guest never needs.
 STDLIB_SKIP = {
@@ -137,6 +150,7 @@ fi
 busybox mount -t ext4 -o ro "$root" /newroot
 code=$(disk {DISK_CODE}) && busybox mount -t ext4 -o ro "$code" /newroot{GUEST_CODE}
 payload=$(disk {DISK_PAYLOAD}) && busybox mount -t ext4 -o ro "$payload" /newroot{GUEST_PAYLOAD}
+state=$(disk {DISK_STATE}) && busybox mount -t ext4 -o rw "$state" /newroot{GUEST_STATE}
 busybox mount --move /dev /newroot/dev
 busybox umount /proc /sys
 exec busybox switch_root /newroot /sbin/init
@@ -147,6 +161,7 @@ INIT_ROOT = f"""#!/bin/sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t securityfs securityfs /sys/kernel/security
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs -o mode=755 tmpfs /run
 mkdir -p /dev/pts /dev/shm
@@ -427,6 +442,17 @@ def payload_image(
     return image
 
 
+def state_image(image: Path) -> Path:
+    """An empty ext4 disk the guest mounts read-write at ``/var/lib/cima``.
+
+    Attached to every boot of one machine it is the machine's persistent storage: what the
+    agent writes there (its journal) is there at the next boot.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        make_ext4(Path(tmp), image, "cima-state")
+    return image
+
+
 # -- the root file system -----------------------------------------------------------------------
 
 
@@ -475,6 +501,13 @@ class Stage:
         d.write_bytes(data.encode() if isinstance(data, str) else data)
         d.chmod(mode)
         self.installed.add(str(d))
+
+    def mkdir(self, guest_path: str) -> None:
+        """A folder (and its parents); a link in its place is an error."""
+        d = self.dest(guest_path)
+        if d.is_symlink():
+            raise BuildError(f"{guest_path}: {d} is a symbolic link in the guest tree")
+        d.mkdir(exist_ok=True)
 
     def symlink(self, guest_path: str, target: str) -> None:
         """A link, unless something is there already."""
@@ -677,6 +710,57 @@ def _build_initramfs(kernel_root: Path, release: str, busybox: Path, out: Path, 
     out.write_bytes(cpio_newc(tree))
 
 
+def container_spec() -> dict[str, object]:
+    """The OCI runtime spec (``config.json``) of the guest's container.
+
+    Its root is an empty read-only folder in which the guest's ``/usr`` is bound read-only
+    (``bin``, ``sbin`` and ``lib`` are links into it, as in the merged-/usr guest); its own
+    pid, mount, ipc and uts namespaces; a cgroup named after its id (cgroupfs, cgroup v2).
+    """
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": 0, "gid": 0},
+            "args": list(CONTAINER_ARGS),
+            "env": ["PATH=/usr/bin:/usr/sbin"],
+            "cwd": "/",
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": True},
+        "hostname": "cima-container",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {
+                "destination": "/dev",
+                "type": "tmpfs",
+                "source": "tmpfs",
+                "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+            },
+            {
+                "destination": "/tmp",
+                "type": "tmpfs",
+                "source": "tmpfs",
+                "options": ["nosuid", "nodev", "mode=1777"],
+            },
+            {"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro"]},
+        ],
+        "linux": {
+            "namespaces": [{"type": t} for t in ("pid", "mount", "ipc", "uts")],
+            "cgroupsPath": CONTAINER_CGROUP,
+        },
+    }
+
+
+def _stage_container(stage: Stage) -> None:
+    stage.write(f"{GUEST_CONTAINER}/config.json", json.dumps(container_spec(), indent=2) + "\n")
+    rootfs = f"{GUEST_CONTAINER}/rootfs"
+    for d in ("proc", "dev", "tmp", "usr"):
+        stage.mkdir(f"{rootfs}/{d}")
+    for link, target in _MERGED.items():
+        stage.symlink(f"{rootfs}/{link}", target)
+
+
 def _build_rootfs(
     busybox: Path,
     crun_roots: list[Path],
@@ -705,10 +789,12 @@ def _build_rootfs(
         "var/tmp",
         "opt/cima",
         "payload",
+        GUEST_STATE.lstrip("/"),
         GUEST_PYLIB.lstrip("/"),
     ):
         (stage.root / d).mkdir(parents=True, exist_ok=True)
     stage.write("/sbin/init", INIT_ROOT.replace("@PYTHONHOME@", python["prefix"]), 0o755)
+    _stage_container(stage)
     # busybox and its applets (after the files above: an applet link never replaces a file)
     stage.copy(busybox, "/usr/bin/busybox")
     applets = _run([str(busybox), "--list-full"], "busybox --list-full").stdout.split()

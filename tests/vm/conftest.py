@@ -1,4 +1,5 @@
-"""Fixtures of the virtual-machine tests: the built guest, one TPM across reboots, boots.
+"""Fixtures of the virtual-machine tests: the built guest, one TPM and one writable disk
+across reboots, boots.
 
 The guest is built once per cache (``$CIMA_VM_CACHE``, default ``~/.cache/cima-vm``); a
 second run builds nothing. Every boot is stopped by a finalizer (qemu powered off or killed,
@@ -58,6 +59,12 @@ def vm_tpm(
     return provision_tpm(swtpm_manufactured, tmp_path_factory.mktemp("vm-tpm"))
 
 
+@pytest.fixture(scope="module")
+def vm_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The machine's writable disk (``/var/lib/cima`` in the guest), kept across its boots."""
+    return build.state_image(tmp_path_factory.mktemp("vm-state") / "state.ext4")
+
+
 BootFactory = Callable[..., tuple[VirtualMachine, GuestSession]]
 
 
@@ -65,10 +72,11 @@ BootFactory = Callable[..., tuple[VirtualMachine, GuestSession]]
 def boot_guest(
     vm_images: build.GuestImages,
     vm_tpm: ProvisionedTPM,
+    vm_state: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[BootFactory]:
     """``boot_guest(name, config, payload=None)`` -> (vm, session); stopped at the latest
-    when the module ends."""
+    when the module ends. Every boot has the module's TPM and state disk."""
     with contextlib.ExitStack() as stack:
 
         def boot(
@@ -76,7 +84,7 @@ def boot_guest(
         ) -> tuple[VirtualMachine, GuestSession]:
             workdir = tmp_path_factory.mktemp(f"vm-{name}")
             _BOOTS.append(workdir)
-            vm = VirtualMachine(vm_images, vm_tpm.state, workdir, config, payload)
+            vm = VirtualMachine(vm_images, vm_tpm.state, workdir, config, payload, state=vm_state)
             stack.callback(vm.stop)
             session = vm.start()
             TIMINGS.setdefault("boots", {})[name] = {"boot_seconds": round(vm.boot_seconds or 0, 2)}

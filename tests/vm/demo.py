@@ -5,8 +5,18 @@ attestation key, then boots twice: a reference boot, and a boot in which one mea
 (``/payload/bin/hello``) has other content. For each boot it prints a tree: the quote (AK,
 nonce, signature), every register of every bank with the value each source computed (cima,
 tpm2-tools, ima-evm-utils, a hashlib replay), and at the end what differs between the two
-boots, named by event. Exit status 0 when every source agreed and the only difference is
-the changed file.
+boots, named by event.
+
+In each boot cima's agent then runs in the guest (a service, a crun container and the
+agent itself measured into pcr13, IMA as its backend, the TPM as its platform) and the host
+asks it for an evidence bundle with a fresh nonce. Reference values are made from the
+reference boot's bundle (:func:`cima.verifier.reference.create_references`, reviewed as
+:func:`tests.vm.agent.reviewed_references` says), the changed boot's bundle is appraised
+against them and its appraisal tree printed: contraindicated, the changed file named; then
+again once the new version of the file is approved: affirming.
+
+Exit status 0 when every source agreed, the only difference is the changed file, and the
+verifier names it and nothing else.
 """
 
 from __future__ import annotations
@@ -21,8 +31,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.tree import Tree
 
+from cima.cli.verify import show
+from cima.verifier.appraise import appraise
+from cima.verifier.reference import create_references
+from cima.verifier.result import AttestationResult
 from tests.platform.swtpm import SWTPM
 from tests.vm import build, checks
+from tests.vm.agent import reviewed_references, run_agent
 from tests.vm.evidence import BANKS, BootEvidence, collect
 from tests.vm.guest import BootConfig, VirtualMachine, provision_tpm
 
@@ -31,12 +46,14 @@ PAYLOADS = {
     "reference boot": "#!/bin/sh\necho hello from the payload, version 1\n",
     "changed boot": "#!/bin/sh\necho hello from the payload, version 2\n",
 }
+PAYLOAD_CONTENT = {name: text.encode() for name, text in PAYLOADS.items()}
 
 
 def _boot(
     console: Console,
     images: build.GuestImages,
     tpm_state: Path,
+    state_disk: Path,
     work: Path,
     name: str,
     hello: str,
@@ -49,7 +66,7 @@ def _boot(
     payload = build.payload_image(tree, folder / "payload.ext4")
     config = BootConfig()
     with console.status(f"{name}: booting (OVMF, swtpm, IMA; about 15 s under TCG)"):
-        vm = VirtualMachine(images, tpm_state, folder / "vm", config, payload)
+        vm = VirtualMachine(images, tpm_state, folder / "vm", config, payload, state=state_disk)
         with vm:
             session = vm.start()
             console.log(f"{name}: guest ready in {vm.boot_seconds:.1f} s ({session.cmdline})")
@@ -61,7 +78,15 @@ def _boot(
                     config=config,
                     payload_commands=[[f"/payload/{HELLO}"]],
                 )
+            with console.status(f"{name}: cima agent in the guest (about 15 s to start)"):
+                ev.agent = run_agent(session, folder / "agent", name=name)
     console.log(f"{name}: evidence in {ev.folder}")
+    bundle = ev.agent.bundle
+    console.log(
+        f"{name}: the agent served {len(bundle.runtime_log)} runtime events, "
+        f"{len(bundle.ima_log or ())} IMA entries and {len(bundle.boot_log or ())} boot events "
+        f"with a quote bound to nonce {ev.agent.nonce.hex()[:16]}…"
+    )
     return ev
 
 
@@ -117,6 +142,38 @@ def _differences(a: BootEvidence, b: BootEvidence) -> tuple[Tree, bool]:
     return root, expected
 
 
+def _appraisals(console: Console, reference: BootEvidence, changed: BootEvidence) -> bool:
+    """Appraise the changed boot's bundle against the reference boot's values, print the
+    trees; True when the changed file, and only it, is contraindicated, and approving its
+    new content makes the boot affirming."""
+    assert reference.agent is not None and changed.agent is not None
+    created = create_references(
+        [reference.agent.bundle], name=reference.name, sources=[reference.name]
+    )
+    refs = reviewed_references(created)
+    (reference.folder / "references.yaml").write_text(refs.to_yaml())
+    hello = f"/payload/{HELLO}"
+    a = changed.agent
+    console.rule(f"{changed.name} appraised against the {reference.name}'s reference values")
+    result = appraise(a.bundle, refs, nonce=a.nonce)
+    show(result)
+    named = _only_file(result, hello)
+    approved = reviewed_references(created, approve={hello: PAYLOAD_CONTENT[changed.name]})
+    console.rule(f"{changed.name} appraised once a person approves the new {hello}")
+    again = appraise(a.bundle, approved, nonce=a.nonce)
+    show(again)
+    return named and again.affirming
+
+
+def _only_file(result: AttestationResult, path: str) -> bool:
+    return (
+        result.status == "contraindicated"
+        and len(result.failures) == 1
+        and result.failures[0].subject == path
+        and result.failures[0].log == "ima"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.vm.demo", description=__doc__)
     parser.add_argument("--workdir", type=Path, help="keep the evidence here (default: temp)")
@@ -139,21 +196,23 @@ def main(argv: list[str] | None = None) -> int:
         manufactured = SWTPM.manufacture(work / "tpm-manufactured")
         tpm = provision_tpm(manufactured, work / "tpm")
         console.log("TPM manufactured (sha1, sha256, sha384 banks), attestation key registered")
+        state_disk = build.state_image(work / "state.ext4")
         evidence = []
         all_ok = True
         for name, hello in PAYLOADS.items():
-            ev = _boot(console, images, tpm.state, work, name, hello)
+            ev = _boot(console, images, tpm.state, state_disk, work, name, hello)
             result = checks.check_boot(ev)
             all_ok &= not result.failures() and (ev.quote_dir / "ak.pem").read_text() == tpm.ak_pem
             console.print(_tree(ev, result, tpm.ak_pem))
             evidence.append(ev)
         diff, expected = _differences(*evidence)
         console.print(diff)
+        appraised = _appraisals(console, *evidence)
         if args.workdir is None:
             console.log("evidence removed (use --workdir DIR to keep it)")
-    ok = all_ok and expected
+    ok = all_ok and expected and appraised
     console.print(
-        "[bold green]attested: logs replay to the quotes, the change is named[/]"
+        "[bold green]attested: logs replay to the quotes, the verifier names the change[/]"
         if ok
         else "[bold red]the demo found a disagreement[/]"
     )

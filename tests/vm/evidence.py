@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cima.eventlog import ima, tcg
+from tests.vm.agent import AgentEvidence
 from tests.vm.guest import BootConfig, GuestSession
 
 SECURITYFS = "/sys/kernel/security"
@@ -66,6 +67,8 @@ class BootEvidence:
     nonce: bytes
     payload_runs: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    #: What cima's agent served afterwards (:func:`tests.vm.agent.run_agent`), if it ran.
+    agent: AgentEvidence | None = None
 
     @property
     def boot_log_file(self) -> Path:

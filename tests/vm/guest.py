@@ -5,7 +5,8 @@ One :class:`VirtualMachine` is one boot::
     swtpm (TPM 2.0, state directory)  <-- unix socket -->  qemu tpm-tis/tpm-crb
     qemu -machine q35 -accel tcg, OVMF flash (code read-only, a fresh copy of the variables)
          -kernel vmlinuz -initrd initrd.img -append "console=ttyS0 ima_policy=tcb ..."
-         virtio-blk: root (read-only), code (read-only), payload (read-only)
+         virtio-blk: root (read-only), code (read-only), payload (read-only),
+                     state (read-write, optional: the machine's persistent storage)
          virtio-serial port "org.cima.control"  <-- unix socket -->  GuestSession
          virtio-net, user-mode networking (restrict=on), forwards on 127.0.0.1 only
          serial console -> console.log; QMP -> qmp.sock
@@ -364,6 +365,8 @@ class VirtualMachine:
     config: BootConfig = field(default_factory=BootConfig)
     payload: Path | None = None
     boot_seconds: float | None = None
+    #: A writable disk (:func:`build.state_image`) that outlives the boot, or None.
+    state: Path | None = None
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -424,6 +427,14 @@ class VirtualMachine:
             *disk("root", im.rootfs, build.DISK_ROOT),
             *disk("code", im.code, build.DISK_CODE),
             *disk("payload", payload, build.DISK_PAYLOAD),
+            *(
+                [
+                    "-drive", f"file={self.state},format=raw,if=none,id=state",
+                    "-device", f"virtio-blk-pci,drive=state,serial={build.DISK_STATE}",
+                ]
+                if self.state is not None
+                else []
+            ),
             "-device", "virtio-serial-pci,id=vser0",
             "-chardev", f"socket,id=control,path={self._run / 'control.sock'},server=on,wait=off",
             "-device", f"virtserialport,bus=vser0.0,chardev=control,name={build.CONTROL_PORT}",

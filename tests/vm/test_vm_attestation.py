@@ -14,12 +14,23 @@ pcr0-pcr9 with cima and with ``tpm2_eventlog``; the IMA list replays into pcr10 
 with ``evmctl ima_measurement`` (sha1 and sha256: the banks evmctl 1.4 knows) and with a
 hashlib-only replay (every bank). Expected values come from the quote, from the tools and
 from hashes of the inputs computed here (the payload files, the initrd, the command line).
+
+Then, in the same boot, ``cima agent`` runs in the guest (:mod:`tests.vm.agent`: busybox's
+syslogd, a crun container, the guest's Python processes and the agent itself measured into
+pcr13, IMA as the backend, the TPM's persisted AK, its journal on a disk that every boot of
+the machine keeps) and the host asks it for an evidence bundle through the forwarded socket,
+with a fresh nonce. cima's verifier, on the host, appraises those bundles against reference
+values made from earlier boots' bundles: boot 2 is named by its kernel command line (the EFI
+stub's load options event), boot 3 by its changed file (the IMA entry, by path and index);
+with the new file approved boot 3 is affirming. ``cima verify --json`` gives the same
+verdicts as the library.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import shutil
 import socket
 import struct
@@ -41,7 +52,12 @@ from cryptography.x509.oid import NameOID
 from cima.cli.main import main as cima_main
 from cima.eventlog import ima, replay, tcg
 from cima.evidence import tpm
-from tests.vm import build, checks
+from cima.evidence.bundle import TPMQuoteReport
+from cima.verifier.appraise import appraise
+from cima.verifier.reference import create_references, load_references
+from cima.verifier.result import AttestationResult, Failure
+from tests.vm import agent, build, checks
+from tests.vm.agent import AgentEvidence, reviewed_references, run_agent
 from tests.vm.evidence import BANKS, TIMINGS, BootEvidence, collect
 from tests.vm.guest import BootConfig, GuestError, ProvisionedTPM
 
@@ -84,6 +100,10 @@ def _payload_tree(root: Path, files: dict[str, str]) -> Path:
     return root
 
 
+#: The boots in the order they happened (the state disk remembers that order).
+BOOT_ORDER: list[str] = []
+
+
 def _boot(
     boot_guest: Callable[..., Any],
     folder: Path,
@@ -94,6 +114,7 @@ def _boot(
 ) -> tuple[BootEvidence, dict[str, Any]]:
     start = time.monotonic()
     vm, session = boot_guest(name, config, payload)
+    BOOT_ORDER.append(name)
     ev = collect(
         session,
         folder / "evidence",
@@ -101,9 +122,14 @@ def _boot(
         config=config,
         payload_commands=PAYLOAD_COMMANDS,
     )
+    t = time.monotonic()
+    ev.agent = run_agent(session, folder / "agent", name=name)
+    agent_seconds = round(time.monotonic() - t, 2)
     extra = after(session) if after is not None else {}
     vm.stop()
-    TIMINGS["boots"][name].update(collect_seconds=round(sum(ev.timings.values()), 2))
+    TIMINGS["boots"][name].update(
+        collect_seconds=round(sum(ev.timings.values()), 2), agent_seconds=agent_seconds
+    )
     TIMINGS["boots"][name]["total_seconds"] = round(time.monotonic() - start, 2)
     return ev, extra
 
@@ -221,7 +247,7 @@ def _harness_probe(session: Any) -> dict[str, Any]:
     out["http_running"] = http.running()
     http.signal()
     echo = session.spawn(["/usr/local/bin/python3", "-c", ECHO_SERVER, "/tmp/echo.sock"])
-    _bridge, uport = session.forward_unix("/tmp/echo.sock")
+    _bridge, uport = session.forward_unix("/tmp/echo.sock", agent.BRIDGE_PORT + 1)
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -514,3 +540,213 @@ def test_harness_forwards_ports_and_sockets_and_enforces_timeouts(
     timed_out, rc = probe["timeout"]
     assert timed_out and rc != 0
     assert probe["missing_file"] and "FileNotFoundError" in probe["missing_file"]
+
+
+# -- the agent in the guest, the verifier on the host -------------------------------------------
+#
+# In every boot, after the evidence above, cima's agent runs in the guest (tests.vm.agent) and
+# the host asks it for an evidence bundle with a fresh nonce, through the forwarded socket.
+# Reference values are created from known-good bundles with create_references, then reviewed
+# as a person would before using them (reviewed_references). The review names all that
+# differs between boots of the same machine and configuration: the tests below show that
+# nothing else does.
+
+
+def _bundle(ev: BootEvidence) -> AgentEvidence:
+    assert ev.agent is not None, f"{ev.name}: the agent did not run"
+    return ev.agent
+
+
+def _contraindications(result: AttestationResult) -> list[Failure]:
+    return [f for f in result.failures if f.severity == "contraindicated"]
+
+
+def test_agent_serves_node_evidence_signed_by_the_registered_ak(
+    boot1: BootEvidence, boot2: BootEvidence, boot3: BootEvidence, vm_tpm: ProvisionedTPM
+) -> None:
+    """The agent quotes with the AK persisted before the first boot, binds the host's nonce,
+    and serves the boot log, the IMA list and its runtime journal (pcr13/sha384)."""
+    for ev in (boot1, boot2, boot3):
+        a = _bundle(ev)
+        b = a.bundle
+        assert (b.platform, b.scope) == ("tpm", "node")
+        assert a.info["scope"] == "node", "the host reaches the agent as a process on the node"
+        assert b.nonce == a.nonce and b.user_data == b""
+        b.verify_binding()
+        assert isinstance(b.report, TPMQuoteReport)
+        assert b.report.ak_pem == vm_tpm.ak_pem
+        assert (b.runtime_register, b.runtime_algorithm) == ("pcr13", "sha384")
+        assert b.runtime_start == bytes(48)
+        assert b.boot_log is not None and len(b.boot_log) == len(ev.boot_log)
+        # The agent read the same IMA list, and more of it (its own start is measured).
+        assert b.ima_log is not None and len(b.ima_log) > len(_quoted_entries(ev))
+    assert len({_bundle(ev).nonce for ev in (boot1, boot2, boot3)}) == 3
+
+
+def test_agent_measures_the_guest_processes_its_container_and_itself(boot1: BootEvidence) -> None:
+    a = _bundle(boot1)
+    events = a.runtime_events()
+    kinds = [e["kind"] for e in events]
+    assert kinds[:2] == ["agent", "policy"], "the agent measures itself first"
+    policy = events[1]["data"]
+    assert policy["file_digest"] == "sha384:" + hashlib.sha384(agent.POLICY.encode()).hexdigest()
+    processes = {tuple(e["data"]["cmdline"]): e for e in events if e["kind"] == "process"}
+    # The guest's init (the control server), the bridge, the agent itself, the service.
+    assert processes[tuple(agent.AGENT_ARGS)]["subject"] == build.GUEST_PYTHON
+    assert processes[agent.SERVICE]["subject"] == agent.SERVICE[0]
+    assert processes[agent.SERVICE]["data"]["exe"] == "/usr/bin/busybox"
+    init = [e for e in events if e["kind"] == "process" and e["data"]["pid"] == 1]
+    assert len(init) == 1 and init[0]["data"]["cmdline"][1].endswith("/vm/guest_server.py")
+    bridge = [c for c in processes if c[-2:] == (agent.AGENT_SOCKET, str(agent.BRIDGE_PORT))]
+    assert len(bridge) == 1
+    assert len(processes) == 4
+    (container,) = [e for e in events if e["kind"] == "container"]
+    assert container["subject"] == build.CONTAINER_ID
+    assert container["scope"] == f"container:{build.CONTAINER_ID}"
+    data = container["data"]
+    # crun keeps no runc state.json: the container is found through its cgroup.
+    assert data["runtime"] == "cgroup"
+    assert data["args"] == list(build.CONTAINER_ARGS)
+    assert data["image"] is None and data["pod"] is None
+
+
+def test_agent_journal_outlives_each_boot_on_the_state_disk(
+    boot1: BootEvidence, boot2: BootEvidence, boot3: BootEvidence
+) -> None:
+    """The PCRs start over at each boot and the journal on the state disk does not: the
+    agent archives the earlier boot's journal as an epoch and starts a new one from zeros."""
+    for ev in (boot1, boot2, boot3):
+        a = _bundle(ev)
+        earlier = BOOT_ORDER.index(ev.name)
+        archived = [f"journal.{n}.cima" for n in range(earlier)]
+        assert a.journal_files == sorted([".lock", "journal.cima", *archived])
+        if earlier:
+            assert f"new epoch {earlier}" in a.agent_log
+            assert f"archived as journal.{earlier - 1}.cima" in a.agent_log
+
+
+def test_verifier_affirms_the_boot_its_reference_values_come_from(boot1: BootEvidence) -> None:
+    a = _bundle(boot1)
+    refs = reviewed_references(create_references([a.bundle]))
+    result = appraise(a.bundle, refs, nonce=a.nonce)
+    assert result.status == "affirming", [f.describe() for f in result.failures]
+    for name in ("evidence", "boot", "kernel", "ima", "system"):
+        assert result.submodule(name).status == "affirming", name
+    assert result.submodule("ima").details["unverified_entries"] == 0
+    # Another nonce: the same evidence is not fresh.
+    stale = appraise(a.bundle, refs, nonce=bytes(32))
+    assert stale.status == "contraindicated"
+    assert {f.submodule for f in _contraindications(stale)} == {"evidence"}
+    assert {f.step for f in _contraindications(stale)} == {3}
+
+
+def test_verifier_names_the_other_kernel_command_line_of_boot2(
+    boot1: BootEvidence, boot2: BootEvidence
+) -> None:
+    """Boot 2 has another command line (and IMA hashes with sha384): against boot 1's
+    reference values the kernel's load options, measured by the EFI stub, are named."""
+    refs = reviewed_references(create_references([_bundle(boot1).bundle]))
+    a = _bundle(boot2)
+    result = appraise(a.bundle, refs, nonce=a.nonce)
+    assert result.status == "contraindicated"
+    assert result.submodule("evidence").status == "affirming"
+    assert result.submodule("system").status == "affirming"
+    kernel = _contraindications(result)
+    kernel = [f for f in kernel if f.submodule == "kernel"]
+    assert [f.code for f in kernel] == ["load-options"]
+    (failure,) = kernel
+    assert (failure.log, failure.register) == ("boot", "pcr9")
+    assert failure.event is not None and a.bundle.boot_log is not None
+    record = a.bundle.boot_log[failure.event]
+    for alg, digest in record.digests:
+        assert digest == _load_options_digest(boot2.cmdline, alg)
+    # The boot submodule names the same event, and only pcr9 differs.
+    boot = [f for f in result.failures if f.submodule == "boot"]
+    assert [f.event for f in boot if f.code == "boot-event"] == [failure.event]
+    assert {f.register for f in boot} == {"pcr9"}
+
+
+def test_verifier_names_the_changed_file_of_boot3(
+    boot1: BootEvidence, boot2: BootEvidence, boot3: BootEvidence
+) -> None:
+    """Reference values from boots 1 and 2 (two known-good configurations); boot 3 runs
+    another /payload/bin/hello: one contraindication, the IMA entry of that file, named by
+    path and index; everything else of boot 3 (firmware, kernel, the other IMA files, the
+    processes, the agent's code and policy) matches values taken at earlier boots."""
+    refs = reviewed_references(create_references([_bundle(boot1).bundle, _bundle(boot2).bundle]))
+    a = _bundle(boot3)
+    result = appraise(a.bundle, refs, nonce=a.nonce)
+    assert result.status == "contraindicated"
+    hello = f"/payload/{HELLO}"
+    (failure,) = _contraindications(result)
+    assert (failure.submodule, failure.step, failure.log) == ("ima", 5, "ima")
+    assert (failure.register, failure.subject) == ("pcr10", hello)
+    assert failure.event is not None
+    # The index is the entry's place in the kernel's own list (fetched from securityfs).
+    entry = boot3.ima_log.entries[failure.event]
+    assert entry.file_name == hello
+    assert entry.file_digest == hashlib.sha256(PAYLOAD_V3[HELLO].encode()).digest()
+    assert hashlib.sha256(PAYLOAD_V3[HELLO].encode()).hexdigest() in failure.reason
+    assert result.failures == [failure], [f.describe() for f in result.failures]
+    for name in ("evidence", "boot", "kernel", "system"):
+        assert result.submodule(name).status == "affirming", name
+    # A person approves the new version: boot 3 is then affirming.
+    approved = reviewed_references(
+        create_references([_bundle(boot1).bundle, _bundle(boot2).bundle]),
+        approve={hello: PAYLOAD_V3[HELLO].encode()},
+    )
+    again = appraise(a.bundle, approved, nonce=a.nonce)
+    assert again.status == "affirming", [f.describe() for f in again.failures]
+    assert again.submodule("ima").details["excluded"] >= 1
+
+
+def test_cima_verify_cli_gives_the_same_verdicts(
+    boot1: BootEvidence,
+    boot2: BootEvidence,
+    boot3: BootEvidence,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``cima reference create`` and ``cima verify --json`` on the host, on the agent's
+    bundles as files: exit 0 for affirming, 1 otherwise, the same failures."""
+    b1, b2, b3 = (_bundle(ev) for ev in (boot1, boot2, boot3))
+    created = tmp_path / "created.yaml"
+    assert cima_main(["reference", "create", str(b1.bundle_file), "-o", str(created)]) == 0
+    assert cima_main(["reference", "create", str(b1.bundle_file), str(b2.bundle_file),
+                      "-o", str(tmp_path / "created12.yaml")]) == 0  # fmt: skip
+    capsys.readouterr()
+    refs1 = tmp_path / "refs1.yaml"
+    refs1.write_text(reviewed_references(load_references(created)).to_yaml())
+    refs12 = tmp_path / "refs12.yaml"
+    refs12.write_text(reviewed_references(load_references(tmp_path / "created12.yaml")).to_yaml())
+    approved = tmp_path / "approved.yaml"
+    approved.write_text(
+        reviewed_references(
+            load_references(tmp_path / "created12.yaml"),
+            approve={f"/payload/{HELLO}": PAYLOAD_V3[HELLO].encode()},
+        ).to_yaml()
+    )
+
+    def verify(a: AgentEvidence, refs: Path) -> tuple[int, dict[str, Any]]:
+        rc = cima_main(
+            ["verify", str(a.bundle_file), "--reference", str(refs), "--nonce", a.nonce.hex(),
+             "--json"]
+        )  # fmt: skip
+        doc: dict[str, Any] = json.loads(capsys.readouterr().out)
+        return rc, doc
+
+    for a, refs, rc_expected, status in (
+        (b2, refs1, 1, "contraindicated"),
+        (b3, refs12, 1, "contraindicated"),
+        (b3, approved, 0, "affirming"),
+    ):
+        rc, doc = verify(a, refs)
+        assert (rc, doc["status"]) == (rc_expected, status), (a.name, refs.name)
+        library = appraise(a.bundle, load_references(refs), nonce=a.nonce)
+        assert doc["status"] == library.status
+        assert [(f["submodule"], f["code"], f.get("event")) for f in doc["failures"]] == [
+            (f.submodule, f.code, f.event) for f in library.failures
+        ]
+    rc, doc = verify(b3, refs12)
+    (failure,) = doc["failures"]
+    assert failure["subject"] == f"/payload/{HELLO}" and failure["log"] == "ima"
