@@ -283,7 +283,9 @@ def _collectors(args: argparse.Namespace, policy: Any) -> tuple[list[Any], tuple
             raise UsageError(f"--cri-socket {cri}: no such socket")
     elif DEFAULT_CRI_SOCKET.exists():
         cri = DEFAULT_CRI_SOCKET
-    if cri is not None or runc_roots:
+    # Without a CRI socket or a runc state directory, containers are still found
+    # through their cgroups (a container started by another runtime, e.g. crun).
+    if cri is not None or runc_roots or policy.measure.container is not None:
         from cima.agent.collectors.containers import ContainerCollector
 
         out.append(
