@@ -787,8 +787,6 @@ def test_stop_is_clean(tmp_path: Path) -> None:
 
 
 def test_evidence_reads_the_ima_list_after_the_quote(agent: Agent) -> None:
-    if not hasattr(agent.engine, "refresh_ima"):
-        pytest.skip("needs Engine.refresh_ima (read the IMA list now) from cima.agent.engine")
     # The kernel appends and extends after the engine's last poll.
     lines = vectors.path("ima", IMA_LIST).read_bytes().splitlines(keepends=True)
     more = lines[IMA_ENTRIES : IMA_ENTRIES + 5]

@@ -377,12 +377,8 @@ def test_configmap_policy_lists_each_entry_once() -> None:
 
 
 def test_configmap_policy_parses_with_the_agent_parser() -> None:
-    try:
-        from cima.agent.policy import parse_policy
-    except ModuleNotFoundError as e:
-        if e.name != "cima.agent.policy":
-            raise
-        pytest.skip("cima.agent.policy is not in the tree yet")
+    from cima.agent.policy import parse_policy
+
     text = configmap_policy_text()
     data = yaml.safe_load(text)
     policy = parse_policy(text, source="deploy/kubernetes/configmap-policy.yaml")
