@@ -9,6 +9,23 @@ so that a command line can print one line that points at it.
 from __future__ import annotations
 
 
+def describe_type(value: object) -> str:
+    """How an error message names the type of a value read from YAML or JSON ("a string")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"
+
+
 class CimaError(Exception):
     """Root of every error raised by cima."""
 

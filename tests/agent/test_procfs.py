@@ -28,7 +28,7 @@ SLEEP = shutil.which("sleep")
 @pytest.fixture
 def binary(tmp_path: Path) -> Path:
     if SLEEP is None:
-        pytest.skip("no sleep executable")
+        pytest.skip(reason="no sleep executable")
     target = tmp_path / "bin" / "cima-test-sleep"
     target.parent.mkdir()
     shutil.copy2(SLEEP, target)

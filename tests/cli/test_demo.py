@@ -16,7 +16,7 @@ def test_demo_chain_affirms_then_contraindicates(
     platform: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     if platform == "tpm" and available():
-        pytest.skip(str(available()))
+        pytest.skip(reason=str(available()))
     code = main(["demo", "--platform", platform, "--keep", str(tmp_path), "--json"])
     doc = json.loads(capsys.readouterr().out)
     assert code == 0, doc

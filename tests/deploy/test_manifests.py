@@ -357,7 +357,7 @@ def policy_path() -> str:
 
 def design_policy_example() -> dict[str, Any]:
     if not DESIGN.is_file():
-        pytest.skip(f"DESIGN.md is not beside the repository ({DESIGN})")
+        pytest.skip(reason=f"DESIGN.md is not beside the repository ({DESIGN})")
     section = DESIGN.read_text().split("## 5. Policy file", 1)[1]
     match = re.search(r"```yaml\n(.*?)```", section, re.DOTALL)
     assert match, "no YAML example in DESIGN.md section 5"
@@ -709,11 +709,11 @@ def test_containerfile_installs_the_tss_libraries_tpm2_pytss_links() -> None:
     """The runtime packages hold every TSS library the tpm2-pytss module here links against."""
     ldd, dpkg = shutil.which("ldd"), shutil.which("dpkg")
     if ldd is None or dpkg is None:
-        pytest.skip("ldd and dpkg are needed to find the TSS libraries' packages")
+        pytest.skip(reason="ldd and dpkg are needed to find the TSS libraries' packages")
     try:
         import tpm2_pytss
     except ImportError:
-        pytest.skip("tpm2-pytss is not installed")
+        pytest.skip(reason="tpm2-pytss is not installed")
     modules = list(Path(tpm2_pytss.__file__).parent.glob("_libtpm2_pytss*.so"))
     assert modules, "tpm2-pytss has no compiled module"
     linked = subprocess.run(

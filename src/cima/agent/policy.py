@@ -56,7 +56,7 @@ from pydantic import (
 
 from cima.agent.events import canonical
 from cima.digests import by_name
-from cima.errors import AlgorithmError, PolicyError
+from cima.errors import AlgorithmError, PolicyError, describe_type
 
 __all__ = [
     "ALGORITHMS",
@@ -452,22 +452,6 @@ def _allowed_keys(loc: _Loc) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
-def _type_name(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return f"a {type(value).__name__}"
-
-
 def _brief(value: object) -> str:
     """A scalar's repr (cut at 60 characters); a container only by its type.
 
@@ -476,14 +460,14 @@ def _brief(value: object) -> str:
     if value is None or isinstance(value, bool | int | float | str):
         text = repr(value)
         return text if len(text) <= 60 else text[:57] + "..."
-    return _type_name(value)
+    return describe_type(value)
 
 
 def _shown(value: object) -> str:
     """``a string ('yes')``, ``a number (5)``, ``a list``."""
     if value is None or isinstance(value, bool | int | float | str):
-        return "null" if value is None else f"{_type_name(value)} ({_brief(value)})"
-    return _type_name(value)
+        return "null" if value is None else f"{describe_type(value)} ({_brief(value)})"
+    return describe_type(value)
 
 
 _EXPECTED = {

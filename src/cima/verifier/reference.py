@@ -90,7 +90,7 @@ from pydantic import (
 )
 
 from cima.digests import by_name
-from cima.errors import AlgorithmError, ParseError, RegisterError
+from cima.errors import AlgorithmError, ParseError, RegisterError, describe_type
 from cima.eventlog.uefi import EventType, event_type_name
 from cima.registers import check_name, sort_key
 
@@ -525,7 +525,7 @@ def load_references(data: str | bytes | Path, *, source: str | None = None) -> R
         elif kind == "missing":
             message = "missing"
         elif kind in _TYPE_MESSAGES:
-            message = f"{_TYPE_MESSAGES[kind]}, not {_yaml_type(err.get('input'))}"
+            message = f"{_TYPE_MESSAGES[kind]}, not {describe_type(err.get('input'))}"
         elif message.startswith("Value error, "):
             message = message[len("Value error, ") :]
         more = len(e.errors()) - 1
@@ -549,22 +549,6 @@ _TYPE_MESSAGES = {
     "bool_type": "must be true or false",
     "int_type": "must be an integer",
 }
-
-
-def _yaml_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return type(value).__name__
 
 
 def _clean_loc(loc: Sequence[Any]) -> list[Any]:
