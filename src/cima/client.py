@@ -150,6 +150,9 @@ class CimaClient:
             options=[
                 ("grpc.max_receive_message_length", MAX_RESPONSE),
                 ("grpc.default_authority", "localhost"),
+                # A connection of its own: the agent identifies the caller per
+                # connection, when it accepts it.
+                ("grpc.use_local_subchannel_pool", 1),
             ],
         )
         self._agent = agent_pb2_grpc.AgentStub(self._channel)

@@ -93,7 +93,7 @@ import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 from grpclib.const import Status
@@ -107,6 +107,7 @@ from cima.agent.events import NODE, RuntimeEvent, canonical
 from cima.agent.identity import Caller, caller_from_pid
 from cima.agent.journal import Journal
 from cima.agent.policy import Policy
+from cima.agent.rpc import UnaryMethod, UnaryProcessor
 from cima.agent.views import (
     IMAAttribution,
     RedactedIMAEntry,
@@ -163,7 +164,7 @@ MAX_PAGE = 10_000
 #: The largest request message read (requests are a few hundred bytes at most).
 MAX_REQUEST = 16 * 1024
 #: How long a report request waits for others to share its quote.
-BATCH_WINDOW = 0.005
+BATCH_WINDOW = 0.002
 #: The most requests one quote serves.
 MAX_BATCH = 256
 #: The CC Trusted API's IMA_MEASUREMENT_EVENT.
@@ -333,27 +334,48 @@ class _CoalescingTransport(asyncio.Transport):
 
 
 class _PeerProtocol(H2Protocol):
-    """H2Protocol that resolves the peer's identity in ``connection_made``."""
+    """H2Protocol that resolves the peer's identity in ``connection_made``.
 
-    def __init__(self, base: Any, identify: Callable[[int, int], Caller]) -> None:
+    Calls of the agent's methods are answered by :class:`UnaryProcessor`; what
+    it does not take goes to grpclib's processing.
+    """
+
+    def __init__(self, base: Any, server: _Server) -> None:
         super().__init__(base.handler, base.config, base.h2_config)
-        self._identify = identify
+        self._server = server
 
     def connection_made(self, transport: Any) -> None:
-        identity = _identify(transport, self._identify)
+        server = self._server
+        identity = _identify(transport, server.identify)
         super().connection_made(_CoalescingTransport(transport))
         peer = _CallerPeer(transport, identity)
         # grpclib builds each request's Stream.peer from the connection's get_peer().
         self.connection.get_peer = lambda: peer  # type: ignore[method-assign]
+        self.processor = UnaryProcessor(
+            self.handler,
+            self.connection,
+            methods=server.unary,
+            identity=identity,
+            status_of=_status_of,
+            max_request=MAX_REQUEST,
+            answered=server.answered,
+        )
 
 
 class _Server(Server):
-    def __init__(self, handlers: Sequence[Any], identify: Callable[[int, int], Caller]) -> None:
-        super().__init__(handlers)
-        self._cima_identify = identify
+    def __init__(
+        self, handlers: Sequence[_Service], identify: Callable[[int, int], Caller]
+    ) -> None:
+        super().__init__(list(handlers))  # type: ignore[arg-type]
+        self.identify = identify
+        self.unary: dict[str, UnaryMethod] = {}
+        for service in handlers:
+            self.unary.update(service.unary_methods())
+        #: Calls answered on the fast path, by gRPC status code.
+        self.answered: dict[int, int] = {}
 
     def _protocol_factory(self) -> H2Protocol:
-        return _PeerProtocol(super()._protocol_factory(), self._cima_identify)
+        return _PeerProtocol(super()._protocol_factory(), self)
 
 
 def _identity_of(stream: Any) -> _Identity:
@@ -805,8 +827,19 @@ def _page(total: int, start: int, count: int | None, *, page: int) -> tuple[int,
 class _Service:
     """Runs one RPC: identify, read the request, compute, answer; errors become statuses."""
 
+    #: RPC name -> the name of its handler method.
+    HANDLERS: ClassVar[dict[str, str]] = {}
+
     def __init__(self, core: _Core) -> None:
         self.core = core
+
+    def unary_methods(self) -> dict[str, UnaryMethod]:
+        """Path -> request type and handler, for every RPC of the service."""
+        out = {}
+        for path, method in self.__mapping__().items():  # type: ignore[attr-defined]
+            handler = getattr(self, self.HANDLERS[path.rsplit("/", 1)[1]])
+            out[path] = UnaryMethod(method.request_type, handler)
+        return out
 
     async def _serve(self, stream: Any, request_type: type[Message], handler: Handler) -> None:
         try:
@@ -826,6 +859,14 @@ class _Service:
 
 class CompatService(_Service, cima_server_grpc.cimaBase):  # type: ignore[misc]
     """``cima_server_pb.cima`` (see the module docstring for its numbering)."""
+
+    HANDLERS: ClassVar[dict[str, str]] = {
+        "GetDefaultAlgorithm": "_algorithm",
+        "GetMeasurementCount": "_count",
+        "GetCcMeasurement": "_measurement",
+        "GetCcEventlog": "_eventlog",
+        "GetCcReport": "_report",
+    }
 
     async def GetDefaultAlgorithm(self, stream: Any) -> None:
         await self._serve(stream, cima_server_pb2.GetDefaultAlgorithmRequest, self._algorithm)
@@ -1020,6 +1061,15 @@ def _tcg_runtime(n: int, event: RuntimeEvent, platform: str) -> cima_server_pb2.
 
 class NativeService(_Service, agent_grpc.AgentBase):  # type: ignore[misc]
     """``cima.v1.Agent``."""
+
+    HANDLERS: ClassVar[dict[str, str]] = {
+        "Info": "_info",
+        "GetMeasurement": "_measurement",
+        "ListMeasurements": "_list",
+        "GetEventLog": "_eventlog",
+        "GetReport": "_report",
+        "GetEvidence": "_evidence",
+    }
 
     async def Info(self, stream: Any) -> None:
         await self._serve(stream, agent_pb2.InfoRequest, self._info)
@@ -1278,6 +1328,7 @@ class AgentServer:
         self._started = threading.Event()
         self._error: BaseException | None = None
         self._inode: int | None = None
+        self._answered: dict[int, int] = {}
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -1316,6 +1367,7 @@ class AgentServer:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         server = _Server([CompatService(self._core), NativeService(self._core)], self.identify)
+        self._answered = server.answered
         await server.start(sock=sock)
         self._started.set()
         try:
@@ -1355,6 +1407,11 @@ class AgentServer:
     def quotes(self) -> int:
         """Hardware reports taken since start (a batch takes one for many requests)."""
         return 0 if self._core is None else self._core.quotes
+
+    @property
+    def answered(self) -> dict[str, int]:
+        """Calls answered since start, by gRPC status name (OK, INVALID_ARGUMENT, ...)."""
+        return {Status(code).name: n for code, n in sorted(dict(self._answered).items())}
 
     def __enter__(self) -> AgentServer:
         self.start()

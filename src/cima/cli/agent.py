@@ -63,7 +63,7 @@ def _positive(value: str) -> float:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from cima.agent.server import DEFAULT_SOCKET
+    from cima.agent.server import BATCH_WINDOW, DEFAULT_SOCKET
     from cima.cli.platform import default_state_dir
 
     p = sub.add_parser(
@@ -110,7 +110,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--no-batching", action="store_true", help="one hardware quote per report request"
     )
-    p.add_argument("--batch-window", type=_positive, default=0.005, metavar="S")
+    p.add_argument(
+        "--batch-window",
+        type=_positive,
+        default=BATCH_WINDOW,
+        metavar="S",
+        help=f"how long a report request waits for others to share its quote "
+        f"(default {BATCH_WINDOW})",
+    )
     p.set_defaults(handler=cmd_agent)
 
 

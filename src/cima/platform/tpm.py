@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -178,6 +179,7 @@ class TPMPlatform(Platform):
         self._ak_tr: Any = None
         self._ak_public: PublicArea | None = None
         self._ek_cert: tuple[bytes | None] | None = None
+        self._keys: tuple[PublicArea, dict[str, str]] | None = None
         self._banks: list[str] = []
         self._connect()
 
@@ -344,7 +346,7 @@ class TPMPlatform(Platform):
                 request, _ = tss.TPML_PCR_SELECTION.unmarshal(encode_selection_list(pending))
                 _, sel_out, digests = e.pcr_read(request)
                 got = decode_selection_list(bytes(sel_out.marshal()))
-                values = [bytes(d) for d in digests]
+                values = _digest_list(bytes(digests.marshal()))
                 pairs = [(reg, s.algorithm) for s in got for reg in s.registers]
                 if not pairs or len(pairs) != len(values):
                     raise PlatformError(
@@ -352,13 +354,13 @@ class TPMPlatform(Platform):
                     )
                 for (reg, alg), value in zip(pairs, values, strict=True):
                     bank.set(reg, alg, value)
-                pending = [
-                    PCRSelection.of(
-                        s.algorithm, [r for r in s.registers if (r, s.algorithm) not in bank]
-                    )
-                    for s in pending
-                ]
-                pending = [s for s in pending if s.indices]
+                left = []
+                for s in pending:
+                    alg = s.algorithm
+                    regs = [r for r in s.registers if (r, alg) not in bank]
+                    if regs:
+                        left.append(PCRSelection.of(alg, regs))
+                pending = left
             if pending:
                 raise PlatformError("TPM2_PCR_Read did not return every selected PCR")
         missing = [f"{r}/{a}" for r, a in sorted(wanted) if (r, a) not in bank]
@@ -547,6 +549,24 @@ class TPMPlatform(Platform):
         return self.ak_public().to_pem().decode()
 
     # -- report -----------------------------------------------------------------------------------
+    def _verification_keys(self, area: PublicArea) -> dict[str, str]:
+        """The AK's public area, name and PEM, and the EK certificate: the same in every report."""
+        if self._keys is None or self._keys[0] is not area:
+            keys = {
+                "ak_pem": area.to_pem().decode(),
+                "ak_public": area.to_bytes().hex(),
+                "ak_name": area.name.hex(),
+            }
+            cert = self._ek_certificate_der()
+            if cert is not None:
+                keys["ek_certificate_pem"] = (
+                    x509.load_der_x509_certificate(cert)
+                    .public_bytes(serialization.Encoding.PEM)
+                    .decode()
+                )
+            self._keys = (area, keys)
+        return self._keys[1]
+
     def report(
         self,
         nonce: bytes,
@@ -580,19 +600,10 @@ class TPMPlatform(Platform):
             )
         quoted = PCRValues.from_values(quote.pcr_selection, values)
         verification: dict[str, Any] = {
-            "ak_pem": area.to_pem().decode(),
-            "ak_public": area.to_bytes().hex(),
-            "ak_name": area.name.hex(),
+            **self._verification_keys(area),
             "hash_algorithm": sig_hash,
             "pcrs": [v.to_dict() for v in quoted.items()],
         }
-        cert = self._ek_certificate_der()
-        if cert is not None:
-            verification["ek_certificate_pem"] = (
-                x509.load_der_x509_certificate(cert)
-                .public_bytes(serialization.Encoding.PEM)
-                .decode()
-            )
         return Report(
             kind="tpm-quote",
             body=body,
@@ -601,6 +612,29 @@ class TPMPlatform(Platform):
             user_data=bytes(user_data),
             verification=verification,
         )
+
+
+def _digest_list(raw: bytes) -> list[bytes]:
+    """The digests of a marshalled TPML_DIGEST (UINT32 count, then TPM2B_DIGESTs).
+
+    Decoded from its bytes at once: walking the list through the TSS's Python
+    objects costs more than the TPM command.
+    """
+    if len(raw) < 4:
+        raise PlatformError("TPM2_PCR_Read returned a TPML_DIGEST cut short")
+    (count,) = struct.unpack_from(">I", raw)
+    out: list[bytes] = []
+    at = 4
+    for _ in range(count):
+        if at + 2 > len(raw):
+            raise PlatformError(f"TPM2_PCR_Read returned a TPML_DIGEST cut short at byte {at}")
+        (size,) = struct.unpack_from(">H", raw, at)
+        at += 2
+        if at + size > len(raw):
+            raise PlatformError(f"TPM2_PCR_Read returned a TPML_DIGEST cut short at byte {at}")
+        out.append(raw[at : at + size])
+        at += size
+    return out
 
 
 def _trim_der(raw: bytes) -> bytes:

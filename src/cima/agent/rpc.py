@@ -1,0 +1,307 @@
+"""Unary gRPC calls answered straight from the HTTP/2 events of a connection.
+
+Every RPC of the agent is unary: one small request message, one response
+message. grpclib serves a call with a task, a stream object, a deadline
+wrapper, dispatch hooks and three awaited writes; for a request of a hundred
+bytes that machinery costs more than the answer. :class:`UnaryProcessor`
+replaces grpclib's events processor on the agent's connections: a call to one
+of the agent's methods is collected from its HEADERS and DATA frames, and when
+the client ends its stream the handler runs at once; the response (headers,
+the message, the trailers) goes to the h2 connection in the same turn of the
+event loop, so one system call carries it (the connection's transport
+gathers the writes of a turn).
+
+A handler is a coroutine function. It is run eagerly: up to its first
+suspension in the event processor itself, so that a handler that never waits
+(a software register read, an info request) costs no task at all; one that
+waits (a TPM read in a worker thread, a batched quote) goes on in a task from
+where it stopped. A response larger than the peer's flow-control window is
+sent as the window opens. A client that resets its stream cancels its call.
+
+What the fast path does not take goes to grpclib unchanged: another method,
+another content type, a missing ``te: trailers``: grpclib answers those with
+its own errors. A message with the compressed flag is refused
+(INVALID_ARGUMENT); a ``grpc-encoding`` header alone changes nothing, since
+each message says whether it is compressed. Request messages are limited to
+``max_request`` bytes, read from the 5-byte gRPC message header before any
+buffering (INVALID_ARGUMENT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+import types
+from collections.abc import Callable, Coroutine, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.message import DecodeError, Message
+from grpclib.const import Status
+from grpclib.metadata import encode_grpc_message
+from grpclib.protocol import AbstractHandler, Connection, EventsProcessor
+from h2.events import DataReceived, RequestReceived, StreamEnded, StreamReset, WindowUpdated
+from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
+
+__all__ = ["UnaryMethod", "UnaryProcessor"]
+
+log = logging.getLogger(__name__)
+
+_CONTENT_TYPE = "application/grpc+proto"
+_ACCEPTED_TYPES = frozenset({"application/grpc", _CONTENT_TYPE})
+_RESPONSE_HEADERS = ((":status", "200"), ("content-type", _CONTENT_TYPE))
+_OK_TRAILERS = (("grpc-status", "0"),)
+_MESSAGE_HEADER = struct.Struct(">?I")
+
+#: A handler: (the connection's identity, the request) -> the response.
+Handler = Callable[[Any, Any], Coroutine[Any, Any, Message]]
+#: An exception -> (gRPC status, message).
+StatusOf = Callable[[BaseException], tuple[Status, str]]
+
+
+@dataclass(frozen=True, slots=True)
+class UnaryMethod:
+    """One unary RPC: its request message type and its handler."""
+
+    request_type: type[Message]
+    handler: Handler
+
+
+@dataclass(slots=True)
+class _Call:
+    method: UnaryMethod
+    data: bytearray = field(default_factory=bytearray)
+    declared: int | None = None
+    refused: str | None = None
+    task: asyncio.Task[None] | None = None
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, Message], first: Any) -> Generator[Any, Any, Message]:
+    """Go on with a coroutine that ran up to its first suspension (which yielded ``first``).
+
+    The task that runs this generator sees ``first`` as if the coroutine had
+    yielded it to the task itself; then the coroutine is delegated to. A
+    cancellation while ``first`` is pending closes the coroutine.
+    """
+    try:
+        yield first
+    except BaseException:
+        coro.close()
+        raise
+    return (yield from coro.__await__())
+
+
+class UnaryProcessor(EventsProcessor):
+    """grpclib's events processor, with the unary methods of ``methods`` answered directly."""
+
+    def __init__(
+        self,
+        handler: AbstractHandler,
+        connection: Connection,
+        *,
+        methods: dict[str, UnaryMethod],
+        identity: Any,
+        status_of: StatusOf,
+        max_request: int,
+        answered: dict[int, int],
+    ) -> None:
+        super().__init__(handler, connection)
+        self._methods = methods
+        self._identity = identity
+        self._status_of = status_of
+        self._max_request = max_request
+        self._calls: dict[int, _Call] = {}
+        self._h2 = connection._connection
+        self._window_open: dict[int, asyncio.Event] = {}
+        #: Calls answered, by status code (shared by a server's connections).
+        self.answered = answered
+
+    # -- events ------------------------------------------------------------------------------
+    def process_request_received(self, event: RequestReceived) -> None:
+        method = self._accept(event.headers)
+        if method is None:
+            super().process_request_received(event)
+            return
+        self._calls[event.stream_id] = _Call(method)
+
+    def process_data_received(self, event: DataReceived) -> None:
+        call = self._calls.get(event.stream_id)
+        if call is None:
+            super().process_data_received(event)
+            return
+        if event.flow_controlled_length:
+            with contextlib.suppress(StreamClosedError, ProtocolError):
+                self._h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        if call.refused is not None:
+            return
+        call.data += event.data
+        if call.declared is None and len(call.data) >= 5:
+            compressed, length = _MESSAGE_HEADER.unpack_from(call.data)
+            if compressed:
+                call.refused = "compressed requests are not accepted"
+            elif length > self._max_request:
+                call.refused = f"request message of {length} bytes, at most {self._max_request}"
+            call.declared = length
+        if (
+            call.refused is None
+            and call.declared is not None
+            and len(call.data) > 5 + call.declared
+        ):
+            call.refused = "more than one request message in a unary call"
+        if call.refused is not None:
+            call.data = bytearray()
+
+    def process_stream_ended(self, event: StreamEnded) -> None:
+        call = self._calls.get(event.stream_id)
+        if call is None:
+            super().process_stream_ended(event)
+            return
+        self.connection.streams_succeeded += 1
+        self._run(event.stream_id, call)
+
+    def process_stream_reset(self, event: StreamReset) -> None:
+        call = self._calls.pop(event.stream_id, None)
+        if call is None:
+            super().process_stream_reset(event)
+            return
+        self._window_open.pop(event.stream_id, None)
+        if call.task is not None:
+            call.task.cancel()
+        self.connection.streams_failed += 1
+
+    def process_window_updated(self, event: WindowUpdated) -> None:
+        super().process_window_updated(event)
+        if event.stream_id == 0:
+            for opened in self._window_open.values():
+                opened.set()
+        else:
+            waiting = self._window_open.get(event.stream_id)
+            if waiting is not None:
+                waiting.set()
+
+    def close(self, reason: str = "Connection closed") -> None:
+        calls, self._calls = self._calls, {}
+        for call in calls.values():
+            if call.task is not None:
+                call.task.cancel()
+        super().close(reason)
+
+    # -- a call ----------------------------------------------------------------------------------
+    def _accept(self, headers: Any) -> UnaryMethod | None:
+        """The method of a request the fast path serves, else None (grpclib's then)."""
+        path = method = content_type = te = None
+        for name, value in headers:
+            if name == ":path":
+                path = value
+            elif name == ":method":
+                method = value
+            elif name == "content-type":
+                content_type = value
+            elif name == "te":
+                te = value
+        if method != "POST" or te != "trailers" or content_type not in _ACCEPTED_TYPES:
+            return None
+        return self._methods.get(path) if path is not None else None
+
+    def _run(self, stream_id: int, call: _Call) -> None:
+        if call.refused is not None:
+            self._fail(stream_id, Status.INVALID_ARGUMENT, call.refused)
+            return
+        data = call.data
+        if call.declared is None:
+            self._fail(stream_id, Status.INVALID_ARGUMENT, "no request message")
+            return
+        if len(data) != 5 + call.declared:
+            self._fail(stream_id, Status.INVALID_ARGUMENT, "request message cut short")
+            return
+        try:
+            request = call.method.request_type.FromString(bytes(data[5:]))
+        except DecodeError as e:
+            self._fail(stream_id, Status.INVALID_ARGUMENT, f"malformed request message: {e}")
+            return
+        coro = call.method.handler(self._identity, request)
+        try:
+            first = coro.send(None)
+        except StopIteration as done:
+            self._answer(stream_id, done.value)
+        except Exception as e:
+            self._fail(stream_id, *self._status_of(e))
+        else:
+            call.task = asyncio.get_running_loop().create_task(
+                self._finish(stream_id, _resume(coro, first))
+            )
+
+    async def _finish(self, stream_id: int, rest: Any) -> None:
+        try:
+            response = await rest
+        except asyncio.CancelledError:
+            return
+        except Exception as e:
+            self._fail(stream_id, *self._status_of(e))
+        else:
+            if stream_id in self._calls:
+                self._answer(stream_id, response)
+        self.connection.flush()
+
+    def _answer(self, stream_id: int, response: Message) -> None:
+        payload = response.SerializeToString()
+        message = _MESSAGE_HEADER.pack(False, len(payload)) + payload
+        h2 = self._h2
+        if len(message) <= min(h2.local_flow_control_window(stream_id), h2.max_outbound_frame_size):
+            try:
+                h2.send_headers(stream_id, _RESPONSE_HEADERS)
+                h2.send_data(stream_id, message)
+                h2.send_headers(stream_id, _OK_TRAILERS, end_stream=True)
+            except (StreamClosedError, ProtocolError, FlowControlError) as e:
+                log.debug("stream %d: the answer is not sent: %s", stream_id, e)
+            self._done(stream_id, Status.OK)
+            return
+        task = asyncio.get_running_loop().create_task(self._send_large(stream_id, message))
+        call = self._calls.get(stream_id)
+        if call is not None:
+            call.task = task
+
+    async def _send_large(self, stream_id: int, message: bytes) -> None:
+        """Send a response in pieces as the peer's flow-control windows allow."""
+        h2 = self._h2
+        view = memoryview(message)
+        opened = self._window_open.setdefault(stream_id, asyncio.Event())
+        try:
+            h2.send_headers(stream_id, _RESPONSE_HEADERS)
+            while view:
+                room = min(h2.local_flow_control_window(stream_id), h2.max_outbound_frame_size)
+                if room <= 0:
+                    self.connection.flush()
+                    opened.clear()
+                    await opened.wait()
+                    continue
+                h2.send_data(stream_id, bytes(view[:room]))
+                view = view[room:]
+                self.connection.flush()
+                await self.connection.write_ready.wait()
+            h2.send_headers(stream_id, _OK_TRAILERS, end_stream=True)
+        except (StreamClosedError, ProtocolError, FlowControlError) as e:
+            log.debug("stream %d: the answer is not sent: %s", stream_id, e)
+        except asyncio.CancelledError:
+            return
+        finally:
+            self._window_open.pop(stream_id, None)
+        self._done(stream_id, Status.OK)
+        self.connection.flush()
+
+    def _fail(self, stream_id: int, status: Status, message: str) -> None:
+        headers = [*_RESPONSE_HEADERS, ("grpc-status", str(status.value))]
+        if message:
+            headers.append(("grpc-message", encode_grpc_message(message)))
+        try:
+            self._h2.send_headers(stream_id, headers, end_stream=True)
+        except (StreamClosedError, ProtocolError) as e:
+            log.debug("stream %d: the error is not sent: %s", stream_id, e)
+        self._done(stream_id, status)
+
+    def _done(self, stream_id: int, status: Status) -> None:
+        self._calls.pop(stream_id, None)
+        self.answered[status.value] = self.answered.get(status.value, 0) + 1
