@@ -100,7 +100,7 @@ def _agent_main(config: dict[str, Any], conn: Connection) -> None:
     from cima.agent.events import container_scope
     from cima.agent.journal import Journal
     from cima.agent.policy import parse_policy
-    from cima.agent.server import BATCH_WINDOW, AgentServer
+    from cima.agent.server import BATCH_WINDOW, MAX_BATCH, AgentServer
     from cima.platform.base import Platform
     from cima.platform.ima import IMAReader
     from cima.platform.software import SoftwarePlatform
@@ -139,6 +139,7 @@ def _agent_main(config: dict[str, Any], conn: Connection) -> None:
         socket_path=directory / "cima.sock",
         batching=config.get("batching", True),
         batch_window=config.get("batch_window", BATCH_WINDOW),
+        max_batch=config.get("max_batch", MAX_BATCH),
         identify=_host_caller,
     )
     server.start()
