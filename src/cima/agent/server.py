@@ -1192,7 +1192,8 @@ class NativeService(_Service, agent_grpc.AgentBase):  # type: ignore[misc]
                 leaf_index=proof.leaf_index,
                 tree_size=proof.tree_size,
                 path=list(proof.path),
-                root=proof.root_from(attested.binding),
+                # A batch's quote binds the tree's root as its nonce.
+                root=attested.report.nonce,
             )
         return agent_pb2.GetReportResponse(
             kind=report.kind,
