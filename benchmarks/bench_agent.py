@@ -350,7 +350,8 @@ def _h2load(agent: AgentProcess, kind: str, *, clients: int, seconds: float) -> 
         body = Path(t) / "body"
         body.write_bytes(_body(kind))
         log = Path(t) / "requests.log"
-        before = agent.stats()["answered"]
+        start = agent.stats()
+        before, quotes0 = start["answered"], start["quotes"]
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.Popen(
             [
@@ -383,18 +384,17 @@ def _h2load(agent: AgentProcess, kind: str, *, clients: int, seconds: float) -> 
         )
         time.sleep(WARM_UP)
         cpu0 = _cpu_seconds(agent.process.pid)
-        quotes0 = agent.stats()["quotes"]
         out, _ = proc.communicate(timeout=seconds + WARM_UP + 120)
         seconds = max(1, round(seconds))
         cpu1 = _cpu_seconds(agent.process.pid)
-        quotes = agent.stats()["quotes"] - quotes0
         used = resource.getrusage(resource.RUSAGE_CHILDREN)
         if proc.returncode != 0:
             raise RuntimeError(f"h2load failed ({proc.returncode}): {out[-2000:]}")
         durations = sorted(
             int(line.split("\t")[2]) / 1000.0 for line in log.read_text().splitlines() if line
         )
-    after = agent.stats()["answered"]
+    end = agent.stats()
+    after, quotes = end["answered"], end["quotes"] - quotes0
     statuses = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     bad = {k: n for k, n in statuses.items() if k != "OK" and n}
     if bad:
@@ -422,7 +422,9 @@ def _h2load(agent: AgentProcess, kind: str, *, clients: int, seconds: float) -> 
         "server_cpu_ms_per_request": round((cpu1 - cpu0) * 1000 / n, 3),
         # h2load's (warm-up included, so an upper bound).
         "client_cpu_ms_per_request": round(client_cpu * 1000 / n, 3),
+        # Over the whole run, warm-up included: calls answered per hardware quote.
         "hardware_quotes": quotes,
+        "requests_per_quote": round(statuses.get("OK", 0) / max(1, quotes), 2),
     }
 
 
@@ -453,6 +455,7 @@ def _run_load(
         **row,
         "load": f"grpcio clients, {row['client_processes']} processes",
         "hardware_quotes": quotes,
+        "requests_per_quote": round(row["entries"] / max(1, quotes), 2),
     }
 
 
@@ -534,7 +537,6 @@ def _reports(
                 {
                     "name": f"agent reports: GetReport, {what} ({label})",
                     **row,
-                    "requests_per_quote": round(row["entries"] / max(1, row["hardware_quotes"]), 2),
                 }
             )
         if rates.get(False):

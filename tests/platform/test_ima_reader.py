@@ -13,6 +13,7 @@ import os
 import shutil
 import struct
 import subprocess
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -409,3 +410,124 @@ def test_mutated_real_lists_give_entries_or_a_parse_error(
 
 
 _KEYLIME_HEAD = _keylime_binary()[:3000]
+
+
+# -- reading into a compact store --------------------------------------------------------------
+
+
+def test_read_into_a_store_reads_each_byte_once(binary_path: Path) -> None:
+    records = _records(5000)
+    data = b"".join(records)
+    binary_path.write_bytes(b"")
+    store = ima.IMAStore()
+    written = 0
+    with IMAReader(binary_path, chunk_size=4096) as reader:
+        for step in range(1, 21):
+            cut = len(data) * step // 20 - (11 if step < 20 else 0)  # mostly mid-record
+            _append(binary_path, data[written:cut])
+            written = cut
+            added = reader.read_into(store)
+            assert added == reader.count - (len(store) - added)
+            assert len(store) == reader.count
+            assert reader.bytes_read == written
+        assert reader.read_into(store) == 0
+        assert reader.offset == reader.bytes_read == len(data)
+    entries = store.entries()
+    assert [e.to_bytes() for e in entries] == records
+    assert [e.index for e in entries] == list(range(5000))
+    assert entries == list(ima.parse_binary(data))
+
+
+def test_read_into_holds_one_chunk_besides_the_store(binary_path: Path) -> None:
+    data = b"".join(_records(30_000))  # about 4 MB
+    binary_path.write_bytes(data)
+    store = ima.IMAStore()
+    with IMAReader(binary_path) as reader:
+        tracemalloc.start()
+        try:
+            reader.read_into(store)
+            used, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert len(store) == 30_000
+    assert used < len(data) + 16 * 30_000
+    # Reading the whole list first, or decoding entries, would take a second copy or more.
+    assert peak - used < 1024 * 1024, (peak, used)
+
+
+def test_read_into_an_ascii_store(tmp_path: Path) -> None:
+    path = tmp_path / "ascii_runtime_measurements"
+    lines = [ascii_line(f"/bin/t{i}", b"%d" % i) for i in range(6)]
+    path.write_bytes(lines[0] + b"\n" + lines[1] + lines[2][:9])
+    store = ima.IMAStore()
+    with IMAReader(path, chunk_size=16) as reader:
+        assert reader.read_into(store) == 2
+        _append(path, lines[2][9:] + b"".join(lines[3:]))
+        assert reader.read_into(store) == 4
+    assert [e.file_name for e in store.entries()] == [f"/bin/t{i}" for i in range(6)]
+    assert [e.line for e in store.entries()] == [1, 3, 4, 5, 6, 7]
+
+
+def test_a_reset_clears_the_store_and_keeps_old_snapshots(binary_path: Path) -> None:
+    old = _records(5)
+    binary_path.write_bytes(b"".join(old))
+    store = ima.IMAStore()
+    with IMAReader(binary_path, on_reset="restart") as reader:
+        reader.read_into(store)
+        before = store.entries()
+        fresh = _records(7, start=100)
+        binary_path.write_bytes(b"".join(fresh[:2]))
+        assert reader.read_into(store) == 2
+        assert reader.restarted
+        _append(binary_path, b"".join(fresh[2:]))
+        assert reader.read_into(store) == 5
+        assert not reader.restarted
+    assert [e.to_bytes() for e in before] == old
+    assert [e.to_bytes() for e in store.entries()] == fresh
+    assert [e.index for e in store.entries()] == list(range(7))
+    assert store.entries().list_id != before.list_id
+
+
+def test_records_before_a_corrupt_one_are_kept_and_the_next_read_raises(
+    binary_path: Path,
+) -> None:
+    good = _records(3)
+    bad = bytearray(ima_ng_record("/x", b"x"))
+    struct.pack_into("<I", bad, 24, 100_000)  # template name length
+    binary_path.write_bytes(b"".join(good) + bytes(bad))
+    store = ima.IMAStore()
+    with IMAReader(binary_path) as reader:
+        assert reader.read_into(store) == 3
+        assert reader.offset == len(b"".join(good))
+        for _ in range(2):
+            with pytest.raises(ParseError) as err:
+                reader.read_into(store)
+            assert err.value.offset == len(b"".join(good)) + 24
+        assert len(store) == 3
+    with IMAReader(binary_path) as reader:
+        assert [e.to_bytes() for e in reader.read_new()] == good
+        with pytest.raises(ParseError):
+            reader.read_new()
+
+
+def test_a_store_must_continue_the_readers_list(binary_path: Path) -> None:
+    binary_path.write_bytes(b"".join(_records(4)))
+    store = ima.IMAStore()
+    store.append_binary(_records(1)[0])
+    with IMAReader(binary_path) as reader, pytest.raises(ValueError, match="does not continue"):
+        reader.read_into(store)
+
+
+def test_resuming_into_an_empty_store_numbers_from_the_saved_position(binary_path: Path) -> None:
+    first, second = _records(4), _records(3, start=4)
+    binary_path.write_bytes(b"".join(first))
+    with IMAReader(binary_path) as reader:
+        reader.read_new()
+        saved = reader.position
+    _append(binary_path, b"".join(second))
+    store = ima.IMAStore()
+    with IMAReader(binary_path, position=saved) as resumed:
+        assert resumed.read_into(store) == 3
+    assert [(e.index, e.offset) for e in store.entries()] == [
+        (4 + i, len(b"".join(first + second[:i]))) for i in range(3)
+    ]

@@ -38,10 +38,10 @@ from cima.agent.policy import Policy, PolicyFileError
 from cima.agent.selfmeasure import agent_measurement, policy_measurement
 from cima.digests import by_name
 from cima.errors import CimaError, JournalError
+from cima.eventlog.ima import IMAEntries, IMAStore
 from cima.platform.base import Platform
 
 if TYPE_CHECKING:
-    from cima.eventlog.ima import IMAEntry
     from cima.platform.ima import IMAReader
 
 __all__ = [
@@ -112,7 +112,8 @@ class Engine:
         self._journal = journal
         self._collectors = list(collectors)
         self._ima = ima
-        self._ima_entries: list[IMAEntry] = []
+        # The IMA list as read: its records, an entry object built only when one is read.
+        self._ima_store = IMAStore()
         self._lock = threading.RLock()
         self._hash = by_name(journal.algorithm).constructor()
         # The last digest journaled under each key, rebuilt from the journal.
@@ -213,13 +214,17 @@ class Engine:
                     events.append(event)
             return events
 
-    def _read_ima(self) -> None:
+    def _read_ima(self) -> int:
         if self._ima is None or self._policy.backend != "ima":
-            return
+            return 0
         try:
-            self._ima_entries.extend(self._ima.read_new())
+            added = self._ima.read_into(self._ima_store)
         except CimaError as e:
             log.warning("reading the IMA list failed this round: %s", e)
+            return 0
+        if self._ima.restarted:
+            log.warning("the IMA list was reset (a new boot?): read again from its first entry")
+        return added
 
     def refresh_ima(self) -> int:
         """Read the IMA entries appended since the last read, now; return how many.
@@ -228,14 +233,17 @@ class Engine:
         carries an IMA log shorter than the quoted register.
         """
         with self._lock:
-            before = len(self._ima_entries)
-            self._read_ima()
-            return len(self._ima_entries) - before
+            return self._read_ima()
 
-    def ima_entries(self) -> list[IMAEntry]:
-        """Every IMA entry read so far, in order."""
+    def ima_entries(self) -> IMAEntries:
+        """Every IMA entry read so far, in order: a snapshot that later reads leave as it is.
+
+        The entries are kept as their records; each is built when it is read
+        (see :class:`~cima.eventlog.ima.IMAStore`), so taking the snapshot costs
+        nothing and a page of it only that page.
+        """
         with self._lock:
-            return list(self._ima_entries)
+            return self._ima_store.entries()
 
     def run(self, stop: threading.Event, interval: float = 2.0) -> None:
         """Poll and check the register every ``interval`` seconds until ``stop`` is set.

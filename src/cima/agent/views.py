@@ -34,14 +34,14 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from cima.agent.events import NODE, RuntimeEvent, container_scope
 from cima.agent.identity import Caller, container_id_from_cgroup
 from cima.errors import CimaError
 from cima.eventlog.cel import CIMA, IMA_TEMPLATE, CELRecord
-from cima.eventlog.ima import IMAEntry
+from cima.eventlog.ima import IMAEntries, IMAEntry
 from cima.evidence.bundle import container_register
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "ima_records",
     "ima_to_cel",
     "ima_view",
+    "iter_ima_view",
     "runtime_view",
     "view_for",
     "view_of",
@@ -166,19 +167,33 @@ class IMAAttribution:
     def __init__(self) -> None:
         self._owners: list[str | None] = []
         self._interned: dict[str, str] = {}
+        self._list_id: int | None = None
         self._lock = threading.Lock()
 
     def owners(self, entries: Sequence[IMAEntry]) -> Sequence[str | None]:
         """The owner of each of ``entries`` (entries ``0..n-1`` of the same growing list)."""
         with self._lock:
-            if len(entries) < len(self._owners):
+            # An IMAEntries run says which list it is; a plain sequence is taken to be
+            # another list when it is shorter than the one seen.
+            list_id = entries.list_id if isinstance(entries, IMAEntries) else None
+            if len(entries) < len(self._owners) or list_id != self._list_id:
                 # The list restarted (a new IMA list after a reset): start over.
                 self._owners.clear()
-            for entry in entries[len(self._owners) :]:
-                owner = ima_owner(entry)
-                if owner is not None:
-                    owner = self._interned.setdefault(owner, owner)
-                self._owners.append(owner)
+                self._list_id = list_id
+            done = len(self._owners)
+            if done < len(entries):
+                append = self._owners.append
+                interned = self._interned
+                new = entries[done:]
+                if isinstance(new, IMAEntries):
+                    # Only an entry of a cgroup template is built (and decoded).
+                    for i, name in enumerate(new.template_names()):
+                        owner = ima_owner(new[i]) if name in CGROUP_TEMPLATES else None
+                        append(owner if owner is None else interned.setdefault(owner, owner))
+                else:
+                    for entry in new:
+                        owner = ima_owner(entry)
+                        append(owner if owner is None else interned.setdefault(owner, owner))
             return self._owners[: len(entries)]
 
 
@@ -238,6 +253,19 @@ def ima_to_cel(entry: IMAEntry) -> CELRecord:
     )
 
 
+def iter_ima_view(
+    view: View,
+    entries: Iterable[IMAEntry],
+    owners: Iterable[str | None],
+    *,
+    algorithms: Sequence[str],
+) -> Iterator[IMAEntry | RedactedIMAEntry]:
+    """:func:`ima_view`, one entry at a time (a long list is never held as objects at once)."""
+    sees = view.sees_container
+    for entry, owner in zip(entries, owners, strict=True):
+        yield entry if sees(owner) else RedactedIMAEntry.of(entry, algorithms)
+
+
 def ima_view(
     view: View,
     entries: Sequence[IMAEntry],
@@ -249,10 +277,7 @@ def ima_view(
 
     A redacted entry keeps its digest for each bank of ``algorithms``.
     """
-    out: list[IMAEntry | RedactedIMAEntry] = []
-    for entry, owner in zip(entries, owners, strict=True):
-        out.append(entry if view.sees_container(owner) else RedactedIMAEntry.of(entry, algorithms))
-    return out
+    return list(iter_ima_view(view, entries, owners, algorithms=algorithms))
 
 
 def ima_records(items: Iterable[IMAEntry | RedactedIMAEntry]) -> list[CELRecord]:

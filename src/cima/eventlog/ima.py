@@ -106,11 +106,15 @@ from __future__ import annotations
 import binascii
 import hmac
 import io
+import itertools
+import operator
 import struct
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from array import array
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, BinaryIO, Final
+from typing import IO, Any, BinaryIO, Final, Generic, TypeVar, overload
 
 from cima.digests import HashAlgorithm, by_name
 from cima.errors import (
@@ -127,10 +131,13 @@ __all__ = [
     "BINARY",
     "MAX_TEMPLATE_DATA_LEN",
     "TEMPLATES",
+    "IMAAppended",
+    "IMAEntries",
     "IMAEntry",
     "IMAFields",
     "IMALog",
     "IMAReplay",
+    "IMAStore",
     "PaddedIMAEntry",
     "TemplateField",
     "TemplateHashMismatchError",
@@ -305,12 +312,12 @@ def _is_zero(b: bytes) -> bool:
     return not b.strip(b"\x00")
 
 
-def _text(b: bytes) -> str:
+def _text(b: bytes | bytearray) -> str:
     """Bytes from the list as text: UTF-8, anything else as backslash escapes."""
     return b.decode("utf-8", "backslashreplace")
 
 
-def _valid_template_name(name: bytes) -> bool:
+def _valid_template_name(name: bytes | bytearray) -> bool:
     return bool(name) and all(0x21 <= c <= 0x7E for c in name)
 
 
@@ -331,7 +338,7 @@ def _split_framed(data: bytes) -> list[bytes] | None:
     return out
 
 
-def _framing_error(data: bytes, count: int) -> tuple[int, str] | None:
+def _framing_error(data: bytes | bytearray, count: int) -> tuple[int, str] | None:
     """Where and why ``data`` is not ``count`` length-prefixed fields filling it exactly."""
     p = 0
     n = len(data)
@@ -913,17 +920,21 @@ class IMALog:
 # -- binary list --------------------------------------------------------------------
 
 
+#: The buffer a record is decoded from (its fields are slices of the same type).
+_Buf = TypeVar("_Buf", bytes, bytearray)
+
+
 @dataclass(frozen=True, slots=True)
-class _Record:
+class _Record(Generic[_Buf]):
     pcr: int
-    template_hash: bytes
-    name: bytes
-    data: bytes
+    template_hash: _Buf
+    name: _Buf
+    data: _Buf
     end: int
 
 
 def _parse_record(
-    buf: bytes,
+    buf: _Buf,
     p: int,
     n: int,
     *,
@@ -931,7 +942,7 @@ def _parse_record(
     final: bool,
     th_size: int,
     source: str | None,
-) -> _Record | None:
+) -> _Record[_Buf] | None:
     """Decode the record at ``buf[p:n]``.
 
     Returns None if it is incomplete and more bytes may follow (``final`` False);
@@ -1410,6 +1421,375 @@ def looks_like_ascii(data: bytes) -> bool:
         return _parse_line(first, 1, 0, None, None) is not None
     except ParseError:
         return False
+
+
+# -- a compact store of a list's entries -------------------------------------------------
+
+_BINARY_HEAD = struct.Struct("<I20sI")  # PCR, SHA-1 template hash, template name length
+_LIST_SERIALS = itertools.count(1)
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class IMAAppended:
+    """What one :meth:`IMAStore.append_binary` or :meth:`IMAStore.append_ascii` took.
+
+    The first ``taken`` bytes of the buffer were whole records (or lines) and
+    ``last`` is where the last of them starts; ``lines`` counts the lines taken,
+    blank ones included (ascii). ``error`` is the corrupt record or line the scan
+    stopped at: the ``entries`` before it were appended.
+    """
+
+    entries: int
+    taken: int
+    last: int
+    lines: int = 0
+    error: ParseError | None = None
+
+
+class _Records:
+    """The records of one list in an :class:`IMAStore`: append-only blocks of bytes.
+
+    Every append adds one immutable block holding whole records (binary: exactly
+    as read; ascii: the lines of the entries, without their newlines).
+    ``starts[i]`` is where entry ``i`` starts in the concatenation of the blocks
+    and ``starts[i + 1]`` where it ends. An entry becomes visible to readers on
+    other threads when its end is in ``starts``, which is extended last.
+    """
+
+    __slots__ = (
+        "block_entry",
+        "block_pos",
+        "blocks",
+        "format",
+        "index",
+        "lines",
+        "names",
+        "offset",
+        "serial",
+        "source",
+        "starts",
+        "th_size",
+    )
+
+    def __init__(self, fmt: str, source: str | None, index: int, offset: int) -> None:
+        self.format = fmt
+        self.source = source
+        self.serial = next(_LIST_SERIALS)
+        self.index = index  # the list index of the first entry
+        self.offset = offset  # binary: the list offset of the first record
+        self.blocks: list[bytes] = []
+        self.block_entry = array("Q")  # the first entry of each block (from 0)
+        self.block_pos = array("Q")  # where each block starts in the concatenation
+        self.starts = array("Q", [0])
+        self.lines = array("Q")  # ascii: the line number of each entry
+        self.names: dict[bytes, str] = {}  # template names, interned
+        self.th_size: int | None = None  # ascii: the template hash size of the list
+
+    def count(self) -> int:
+        return len(self.starts) - 1
+
+    def next_offset(self) -> int:
+        return self.offset + self.starts[-1]
+
+    def commit(self, block: bytes, ends: array[int], lines: array[int] | None) -> None:
+        if not ends:
+            return
+        pos = self.starts[-1]
+        self.blocks.append(block)
+        self.block_pos.append(pos)
+        self.block_entry.append(len(self.starts) - 1)
+        if lines is not None:
+            self.lines.extend(lines)
+        if pos:
+            ends = array("Q", [pos + e for e in ends])
+        self.starts.extend(ends)
+
+    def scan_binary(self, buf: _Buf) -> IMAAppended:
+        """Append the whole records at the start of ``buf`` (validated as parse_binary does)."""
+        names = self.names
+        n = len(buf)
+        base = self.next_offset()
+        p = 0
+        last = 0
+        ends = array("Q")
+        error = None
+        name = b""
+        while p < n:
+            try:
+                rec = _parse_record(
+                    buf, p, n, base=base, final=False, th_size=20, source=self.source
+                )
+            except ParseError as e:
+                error = e
+                break
+            if rec is None:
+                break
+            if rec.name != name:
+                name = bytes(rec.name)
+                if name not in names:
+                    names[name] = sys.intern(name.decode("ascii"))
+            last = p
+            p = rec.end
+            ends.append(p)
+        self.commit(bytes(buf[:p]), ends, None)
+        return IMAAppended(len(ends), p, last, 0, error)
+
+    def scan_ascii(self, buf: bytes | bytearray, line: int) -> IMAAppended:
+        """Append the entries of the whole lines at the start of ``buf`` (``line``: the first)."""
+        end = buf.rfind(b"\n") + 1
+        index = self.index + self.count()
+        th_size = self.th_size
+        kept: list[bytes] = []
+        ends = array("Q")
+        lines = array("Q")
+        total = 0
+        p = 0
+        last = 0
+        lineno = line
+        error = None
+        while p < end:
+            q = buf.index(b"\n", p)
+            raw = bytes(buf[p:q])
+            try:
+                entry = _parse_line(raw, lineno, index, th_size, self.source)
+            except ParseError as e:
+                error = e
+                break
+            if entry is not None:
+                th_size = len(entry.template_hash)
+                kept.append(raw)
+                total += len(raw)
+                ends.append(total)
+                lines.append(lineno)
+                index += 1
+            last = p
+            p = q + 1
+            lineno += 1
+        self.th_size = th_size
+        self.commit(b"".join(kept), ends, lines)
+        return IMAAppended(len(ends), p, last, lineno - line, error)
+
+    def entry(self, i: int) -> IMAEntry:
+        b = bisect_right(self.block_entry, i) - 1
+        pos = self.block_pos[b]
+        return self.decode(self.blocks[b], self.starts[i] - pos, self.starts[i + 1] - pos, i)
+
+    def decode(self, block: bytes, s: int, e: int, i: int) -> IMAEntry:
+        """Entry ``i``, whose record is ``block[s:e]`` (validated when it was appended)."""
+        if self.format == ASCII:
+            entry = _parse_line(block[s:e], self.lines[i], self.index + i, None, self.source)
+            assert entry is not None
+            return entry
+        pcr, th, nlen = _BINARY_HEAD.unpack_from(block, s)
+        p = s + 28 + nlen
+        raw_name = block[s + 28 : p]
+        data = block[p:e] if raw_name == _IMA_NAME else block[p + 4 : e]
+        return IMAEntry(
+            self.index + i, pcr, th, self.names[raw_name], data, offset=self.offset + self.starts[i]
+        )
+
+    def name(self, block: bytes, s: int, e: int, i: int) -> str:
+        """The template name of entry ``i`` (see :meth:`decode`), without decoding the rest."""
+        if self.format == ASCII:
+            raw = block[s:e].lstrip(b" ").split(b" ", 3)[2]
+        else:
+            (nlen,) = _U32.unpack_from(block, s + 24)
+            raw = block[s + 28 : s + 28 + nlen]
+        name = self.names.get(raw)
+        if name is None:
+            name = self.names.setdefault(raw, sys.intern(raw.decode("ascii")))
+        return name
+
+    def iterate(
+        self, start: int, stop: int, decode: Callable[[bytes, int, int, int], _T]
+    ) -> Iterator[_T]:
+        """``decode(block, start, end, i)`` of each entry ``i`` in ``range(start, stop)``."""
+        if start >= stop:
+            return
+        starts = self.starts
+        b = bisect_right(self.block_entry, start) - 1
+        i = start
+        while i < stop:
+            block = self.blocks[b]
+            pos = self.block_pos[b]
+            b += 1
+            end = self.block_entry[b] if b < len(self.block_entry) else stop
+            for j in range(i, min(end, stop)):
+                yield decode(block, starts[j] - pos, starts[j + 1] - pos, j)
+            i = end
+
+
+class IMAStore:
+    """The entries of one IMA list kept compactly; an :class:`IMAEntry` is built when asked for.
+
+    A binary list is kept as its records, exactly as read, in blocks of bytes; an
+    ascii list as the lines of its entries. Besides those bytes an entry costs 8
+    bytes (16 for an ascii one, its line number). Records are validated when
+    appended, as :func:`parse_binary` and :func:`parse_ascii` validate them, so
+    building an entry later cannot fail.
+
+    The store only grows: :meth:`entries` is an immutable snapshot that later
+    appends do not change, and :meth:`clear` (a new list, after a reset) starts
+    new blocks and leaves the snapshots already given as they were. One thread
+    appends; any number may read snapshots meanwhile.
+    """
+
+    __slots__ = ("_records",)
+
+    def __init__(self) -> None:
+        self._records: _Records | None = None
+
+    def __len__(self) -> int:
+        r = self._records
+        return 0 if r is None else r.count()
+
+    def __repr__(self) -> str:
+        return f"<IMAStore {self.format or 'empty'}, {len(self)} entries>"
+
+    @property
+    def format(self) -> str | None:
+        """:data:`BINARY` or :data:`ASCII`; None while empty."""
+        r = self._records
+        return None if r is None else r.format
+
+    @property
+    def next_index(self) -> int | None:
+        """The index the next entry appended must have; None while empty."""
+        r = self._records
+        return None if r is None else r.index + r.count()
+
+    def entries(self) -> IMAEntries:
+        """Every entry appended so far, in order (a snapshot)."""
+        r = self._records
+        return IMAEntries(r, 0, 0 if r is None else r.count())
+
+    def clear(self) -> None:
+        """Forget every entry (the snapshots already taken keep theirs)."""
+        self._records = None
+
+    def _target(self, fmt: str, index: int, offset: int, source: str | None) -> _Records:
+        r = self._records
+        if r is None:
+            return _Records(fmt, source, index, offset)  # kept once an entry is appended
+        if r.format != fmt:
+            raise ValueError(f"cannot append {fmt} records to a store of {r.format} records")
+        if index != r.index + r.count() or (fmt == BINARY and offset != r.next_offset()):
+            raise ValueError(
+                f"entry {index} at offset {offset} does not continue the store "
+                f"(next entry {r.index + r.count()} at offset {r.next_offset()})"
+            )
+        return r
+
+    def append_binary(
+        self,
+        buf: _Buf,
+        *,
+        offset: int = 0,
+        index: int = 0,
+        source: str | None = None,
+    ) -> IMAAppended:
+        """Append the whole binary records at the start of ``buf``.
+
+        ``offset`` and ``index`` are the list offset and entry index of ``buf[0]``
+        (those following the last record appended, unless the store is empty).
+        A record not all there yet ends the scan; a corrupt one too, and is
+        returned as :attr:`IMAAppended.error`, so that the caller can account for
+        the records before it. Only SHA-1 template hashes (every kernel's list).
+        """
+        records = self._target(BINARY, index, offset, source)
+        return self._kept(records, records.scan_binary(buf))
+
+    def append_ascii(
+        self,
+        buf: bytes | bytearray,
+        *,
+        line: int = 1,
+        index: int = 0,
+        source: str | None = None,
+    ) -> IMAAppended:
+        """Append the entries of the whole lines at the start of ``buf``.
+
+        As :meth:`append_binary`; ``line`` is the line number of ``buf``'s first
+        line, and blank lines are skipped.
+        """
+        records = self._target(ASCII, index, 0, source)
+        return self._kept(records, records.scan_ascii(buf, line))
+
+    def _kept(self, records: _Records, done: IMAAppended) -> IMAAppended:
+        if done.entries and self._records is None:
+            self._records = records
+        return done
+
+
+class IMAEntries(Sequence[IMAEntry]):
+    """An immutable run of an :class:`IMAStore`'s entries; each built when it is read.
+
+    Indexing and iterating build new :class:`IMAEntry` objects (equal, not
+    identical, from one read to the next); a slice is another run over the same
+    records (a list with a step). It compares equal to any sequence of the same
+    entries. :attr:`list_id` tells runs of the same list (the same store between
+    two :meth:`IMAStore.clear`) from runs of another.
+    """
+
+    __slots__ = ("_records", "_start", "_stop")
+
+    def __init__(self, records: _Records | None, start: int, stop: int) -> None:
+        self._records = records
+        self._start = start
+        self._stop = stop
+
+    def __len__(self) -> int:
+        return self._stop - self._start
+
+    @property
+    def list_id(self) -> int:
+        """The same number for runs of the same list, another for another list (0: empty)."""
+        return 0 if self._records is None else self._records.serial
+
+    @overload
+    def __getitem__(self, key: int) -> IMAEntry: ...
+
+    @overload
+    def __getitem__(self, key: slice) -> Sequence[IMAEntry]: ...
+
+    def __getitem__(self, key: int | slice) -> IMAEntry | Sequence[IMAEntry]:
+        n = self._stop - self._start
+        if isinstance(key, slice):
+            lo, hi, step = key.indices(n)
+            if step != 1:
+                return [self[i] for i in range(lo, hi, step)]
+            return IMAEntries(self._records, self._start + lo, self._start + max(lo, hi))
+        i = operator.index(key)
+        if i < 0:
+            i += n
+        if not 0 <= i < n or self._records is None:
+            raise IndexError("IMA entry index out of range")
+        return self._records.entry(self._start + i)
+
+    def __iter__(self) -> Iterator[IMAEntry]:
+        r = self._records
+        if r is None:
+            return iter(())
+        return r.iterate(self._start, self._stop, r.decode)
+
+    def template_names(self) -> Iterator[str]:
+        """The template name of each entry, in order, without building the entries."""
+        r = self._records
+        if r is None:
+            return iter(())
+        return r.iterate(self._start, self._stop, r.name)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, (str, bytes, bytearray)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        first = 0 if self._records is None else self._records.index + self._start
+        return f"<IMAEntries {len(self)} entries from index {first}>"
 
 
 # -- streaming replay ----------------------------------------------------------------

@@ -23,6 +23,11 @@ A read may end in the middle of a record (a chunk boundary, or a regular file
 that a writer is still appending to): those bytes are kept until the rest
 arrives, and :attr:`IMAReader.offset` only ever counts whole records.
 
+The list is read a chunk at a time, and each chunk's whole records are taken
+(into an :class:`~cima.eventlog.ima.IMAStore`, :meth:`IMAReader.read_into`)
+before the next chunk is read: besides the entries, memory holds one chunk and
+a record still arriving, never a copy of the list.
+
 The list never shrinks while the kernel runs. A list that is shorter than a
 saved position, or whose record just before that position is not the one
 remembered, belongs to another boot: :class:`IMALogResetError`, or with
@@ -33,16 +38,15 @@ Binary records (``ima_measurements_show``): u32 PCR, 20-byte template digest,
 u32 template name length, the name, then for the ``ima`` template a 20-byte
 file digest and a u32-length-prefixed file name, and for every other template
 a u32 template data length and the template data. ASCII records are lines.
-Decoding is :mod:`cima.eventlog.ima`'s; this module only frames records.
+Framing, validating and decoding them is :mod:`cima.eventlog.ima`'s
+(:class:`~cima.eventlog.ima.IMAStore`).
 """
 
 from __future__ import annotations
 
 import errno
-import io
 import os
 import stat
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -50,21 +54,15 @@ from typing import TYPE_CHECKING, Literal
 from cima.errors import ParseError, PlatformError
 
 if TYPE_CHECKING:
-    from cima.eventlog.ima import IMAEntry
+    from cima.eventlog.ima import IMAEntry, IMAStore
 
 __all__ = ["IMALogResetError", "IMAPosition", "IMAReader"]
 
 Format = Literal["auto", "binary", "ascii"]
 OnReset = Literal["error", "restart"]
 
-#: Bounds beyond which a length field is taken as corruption, not as a record still arriving.
-MAX_TEMPLATE_NAME = 255
-MAX_TEMPLATE_DATA = 16 * 1024 * 1024
+#: The longest ascii line waited for: a longer one without its newline is corruption.
 MAX_ASCII_LINE = 64 * 1024 * 1024
-
-_U32 = struct.Struct("<I")
-_FIXED = 4 + 20 + 4  # pcr, template digest, template name length
-_IMA_FIXED = 20 + 4  # the ima template: file digest, file name length
 
 
 class IMALogResetError(PlatformError):
@@ -86,38 +84,6 @@ class IMAPosition:
     def __post_init__(self) -> None:
         if self.count < 0 or self.offset < 0 or len(self.last_record) > self.offset:
             raise ValueError(f"inconsistent IMA position {self.count}/{self.offset}")
-
-
-def _binary_record_end(buf: bytes | bytearray, pos: int, base: int) -> int | None:
-    """End of the binary record starting at ``pos``, or None if it is not all there yet."""
-    have = len(buf)
-    if have - pos < _FIXED:
-        return None
-    (name_len,) = _U32.unpack_from(buf, pos + 24)
-    if name_len == 0 or name_len > MAX_TEMPLATE_NAME:
-        raise ParseError(
-            f"template name length {name_len} (at most {MAX_TEMPLATE_NAME})", offset=base + pos + 24
-        )
-    p = pos + _FIXED + name_len
-    if have < p:
-        return None
-    if buf[pos + _FIXED : p] == b"ima":
-        if have < p + _IMA_FIXED:
-            return None
-        (n,) = _U32.unpack_from(buf, p + 20)
-        if n > MAX_TEMPLATE_DATA:
-            raise ParseError(f"file name length {n} is implausible", offset=base + p + 20)
-        end = p + _IMA_FIXED + n
-    else:
-        if have < p + 4:
-            return None
-        (n,) = _U32.unpack_from(buf, p)
-        if n > MAX_TEMPLATE_DATA:
-            raise ParseError(
-                f"template data length {n} (at most {MAX_TEMPLATE_DATA})", offset=base + p
-            )
-        end = p + 4 + n
-    return end if end <= have else None
 
 
 class IMAReader:
@@ -269,8 +235,39 @@ class IMAReader:
 
     # -- reading
 
-    def _read_available(self, fd: int) -> int:
-        """Read until end of file; return how many bytes came."""
+    def read_new(self) -> list[IMAEntry]:
+        """The records appended since the last call (all of them on the first call).
+
+        When a corrupt record follows good ones, the good ones are returned and
+        the next call raises the :class:`ParseError` (it starts at that record).
+        """
+        from cima.eventlog.ima import IMAStore
+
+        store = IMAStore()
+        self.read_into(store)
+        return list(store.entries())
+
+    def read_into(self, store: IMAStore) -> int:
+        """Append the records appended since the last call to ``store``; return how many.
+
+        The entries are kept in ``store`` compactly (their records, no object
+        per entry). The file is read in chunks of :attr:`chunk_size`, each
+        taken into ``store`` before the next is read, so that the list is never
+        held twice. ``store`` must be empty or hold what this reader read
+        before; after a reset (:attr:`restarted`) it is cleared first. Records
+        before a corrupt one are appended and counted, and the next call raises
+        the :class:`ParseError` (it starts at that record).
+        """
+        self.restarted = False
+        fd = self._fd if self._fd is not None else self._open()
+        if self.restarted:
+            store.clear()
+        nxt = store.next_index
+        if nxt is not None and nxt != self._count:
+            raise ValueError(
+                f"{store!r} does not continue this reader's list ({self._count} entries read)"
+            )
+        added = 0
         got = 0
         while True:
             try:
@@ -278,80 +275,61 @@ class IMAReader:
             except OSError as e:
                 raise self._error("read", e) from e
             if not chunk:
-                return got
+                if self._check_truncation(fd, got):
+                    store.clear()
+                    got = 0
+                    continue
+                if self._pending:
+                    n, error = self._take(store)  # a corrupt record left from the last call
+                    added += n
+                    if error is not None and not added:
+                        raise error
+                return added
             got += len(chunk)
             self._bytes_read += len(chunk)
             self._read_pos += len(chunk)
             self._pending += chunk
+            n, error = self._take(store)
+            added += n
+            if error is not None:
+                if added:
+                    return added  # the next call starts at the corrupt record, and raises
+                raise error
 
-    def _check_truncation(self, fd: int, got: int) -> None:
-        """Regular files only: a file now shorter than what was read was reset."""
+    def _check_truncation(self, fd: int, got: int) -> bool:
+        """Regular files only: a file now shorter than what was read was reset (True)."""
         try:
             st = os.fstat(fd)
         except OSError as e:
             raise self._error("stat", e) from e
         if not stat.S_ISREG(st.st_mode) or st.st_size >= self._read_pos:
-            return
+            return False
         if got:
             self._sized = False  # a pseudo-file (securityfs reports size 0)
         elif self._sized:
             self._reset(f"the list is {st.st_size} bytes, shorter than offset {self._read_pos}")
-            self._read_available(fd)
+            return True
+        return False
 
-    def read_new(self) -> list[IMAEntry]:
-        """The records appended since the last call (all of them on the first call)."""
-        self.restarted = False
-        fd = self._fd if self._fd is not None else self._open()
-        got = self._read_available(fd)
-        self._check_truncation(fd, got)
+    def _take(self, store: IMAStore) -> tuple[int, ParseError | None]:
+        """Move the whole records at the start of the pending bytes into ``store``."""
+        buf = self._pending
         if self._format is None:
-            if not self._pending:
-                return []
-            self._format = "ascii" if self._pending[:1] in b"0123456789 " else "binary"
-        if self._format == "binary":
-            return self._take_binary()
-        return self._take_ascii()
-
-    def _take_binary(self) -> list[IMAEntry]:
-        buf = self._pending
-        pos = 0
-        last_start = 0
-        while True:
-            end = _binary_record_end(buf, pos, self._offset)
-            if end is None:
-                break
-            last_start, pos = pos, end
-        return self._decode(pos, last_start)
-
-    def _take_ascii(self) -> list[IMAEntry]:
-        buf = self._pending
-        end = buf.rfind(b"\n") + 1
-        if end == 0:
-            if len(buf) > MAX_ASCII_LINE:
-                raise ParseError("line longer than any IMA record", line=self._count + 1)
-            return []
-        last_start = buf.rfind(b"\n", 0, end - 1) + 1
-        return self._decode(end, last_start)
-
-    def _decode(self, end: int, last_start: int) -> list[IMAEntry]:
-        if end == 0:
-            return []
-        from cima.eventlog import ima
-
-        data = bytes(self._pending[:end])
+            if not buf:
+                return 0, None
+            self._format = "ascii" if buf[:1] in b"0123456789 " else "binary"
         source = str(self.path)
-        stream = io.BytesIO(data)
         if self._format == "binary":
-            entries = list(
-                ima.iter_binary(stream, source=source, offset=self._offset, index=self._count)
-            )
+            done = store.append_binary(buf, offset=self._offset, index=self._count, source=source)
         else:
-            entries = list(
-                ima.iter_ascii(stream, source=source, line=self._lines + 1, index=self._count)
-            )
-            self._lines += data.count(b"\n")
-        self._last = data[last_start:end]
-        self._offset += end
-        self._count += len(entries)
-        del self._pending[:end]
-        return entries
+            done = store.append_ascii(buf, line=self._lines + 1, index=self._count, source=source)
+        error = done.error
+        if done.taken:
+            self._last = bytes(buf[done.last : done.taken])
+            self._offset += done.taken
+            self._count += done.entries
+            self._lines += done.lines
+            del buf[: done.taken]
+        elif error is None and self._format == "ascii" and len(buf) > MAX_ASCII_LINE:
+            error = ParseError("line longer than any IMA record", line=self._lines + 1)
+        return done.entries, error
