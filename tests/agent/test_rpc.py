@@ -21,6 +21,7 @@ import h2.settings
 import pytest
 
 from cima._proto.cima import agent_pb2
+from cima.agent.rpc import Serialized
 from cima.agent.server import MAX_REQUEST
 from tests.agent.test_server import Agent, assert_serving, booted_software_platform, start_agent
 
@@ -325,3 +326,15 @@ def test_the_server_counts_answers_by_status(agent: Agent, raw: RawClient) -> No
     after = agent.server.answered
     assert after["OK"] - before.get("OK", 0) == 3
     assert after["INVALID_ARGUMENT"] - before.get("INVALID_ARGUMENT", 0) == 1
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 16_384, 70_000])
+def test_a_serialized_field_decodes_as_the_message(size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    pieces = [data[i : i + 1000] for i in range(0, len(data), 1000)]
+    message = Serialized.field(agent_pb2.GetEvidenceResponse, 1, pieces)
+    assert message.size == sum(len(p) for p in message.pieces)
+    expected = agent_pb2.GetEvidenceResponse(bundle=data)
+    assert message.to_message() == expected
+    if size:  # proto3 leaves an empty field out; the explicit empty one decodes the same
+        assert b"".join(message.pieces) == expected.SerializeToString()

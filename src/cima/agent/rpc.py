@@ -34,9 +34,9 @@ import contextlib
 import logging
 import struct
 import types
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 from grpclib.const import Status
@@ -45,7 +45,7 @@ from grpclib.protocol import AbstractHandler, Connection, EventsProcessor
 from h2.events import DataReceived, RequestReceived, StreamEnded, StreamReset, WindowUpdated
 from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
 
-__all__ = ["UnaryMethod", "UnaryProcessor"]
+__all__ = ["Serialized", "UnaryMethod", "UnaryProcessor"]
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,52 @@ _ACCEPTED_TYPES = frozenset({"application/grpc", _CONTENT_TYPE})
 _RESPONSE_HEADERS = ((":status", "200"), ("content-type", _CONTENT_TYPE))
 _OK_TRAILERS = (("grpc-status", "0"),)
 _MESSAGE_HEADER = struct.Struct(">?I")
+_R = TypeVar("_R")
 
 #: A handler: (the connection's identity, the request) -> the response.
-Handler = Callable[[Any, Any], Coroutine[Any, Any, Message]]
+Handler = Callable[[Any, Any], Coroutine[Any, Any, "Message | Serialized"]]
 #: An exception -> (gRPC status, message).
 StatusOf = Callable[[BaseException], tuple[Status, str]]
+
+
+#: How much of a large answer is framed before the event loop writes it.
+_WRITE_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Serialized:
+    """A response message already serialised, in pieces that are sent as they are.
+
+    For answers of many megabytes (an evidence bundle with a long IMA log): the
+    pieces are framed one after another, never joined into one buffer.
+    ``message_type`` decodes the whole where a ``Message`` is needed.
+    """
+
+    message_type: type[Message]
+    pieces: Sequence[bytes]
+    size: int
+
+    @classmethod
+    def field(cls, message_type: type[Message], number: int, pieces: Sequence[bytes]) -> Serialized:
+        """A message whose only field is the bytes field ``number``, made of ``pieces``."""
+        size = sum(len(p) for p in pieces)
+        head = _varint((number << 3) | 2) + _varint(size)
+        return cls(message_type, (head, *pieces), len(head) + size)
+
+    def to_message(self) -> Message:
+        return self.message_type.FromString(b"".join(self.pieces))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +120,7 @@ class _Call:
 
 
 @types.coroutine
-def _resume(coro: Coroutine[Any, Any, Message], first: Any) -> Generator[Any, Any, Message]:
+def _resume(coro: Coroutine[Any, Any, _R], first: Any) -> Generator[Any, Any, _R]:
     """Go on with a coroutine that ran up to its first suspension (which yielded ``first``).
 
     The task that runs this generator sees ``first`` as if the coroutine had
@@ -246,42 +287,77 @@ class UnaryProcessor(EventsProcessor):
                 self._answer(stream_id, response)
         self.connection.flush()
 
-    def _answer(self, stream_id: int, response: Message) -> None:
-        payload = response.SerializeToString()
-        message = _MESSAGE_HEADER.pack(False, len(payload)) + payload
+    def _answer(self, stream_id: int, response: Message | Serialized) -> None:
+        if isinstance(response, Serialized):
+            pieces = response.pieces
+            size = response.size
+        else:
+            payload = response.SerializeToString()
+            pieces, size = (payload,), len(payload)
+        head = _MESSAGE_HEADER.pack(False, size)
         h2 = self._h2
-        if len(message) <= min(h2.local_flow_control_window(stream_id), h2.max_outbound_frame_size):
+        if size + 5 <= min(h2.local_flow_control_window(stream_id), h2.max_outbound_frame_size):
             try:
                 h2.send_headers(stream_id, _RESPONSE_HEADERS)
-                h2.send_data(stream_id, message)
+                h2.send_data(stream_id, b"".join((head, *pieces)))
                 h2.send_headers(stream_id, _OK_TRAILERS, end_stream=True)
             except (StreamClosedError, ProtocolError, FlowControlError) as e:
                 log.debug("stream %d: the answer is not sent: %s", stream_id, e)
             self._done(stream_id, Status.OK)
             return
-        task = asyncio.get_running_loop().create_task(self._send_large(stream_id, message))
+        task = asyncio.get_running_loop().create_task(self._send_large(stream_id, (head, *pieces)))
         call = self._calls.get(stream_id)
         if call is not None:
             call.task = task
 
-    async def _send_large(self, stream_id: int, message: bytes) -> None:
-        """Send a response in pieces as the peer's flow-control windows allow."""
+    async def _send_large(self, stream_id: int, pieces: Sequence[bytes]) -> None:
+        """Send a response in frames as the peer's flow-control windows allow.
+
+        Every :data:`_WRITE_CHUNK` bytes the event loop writes what was framed
+        and waits while the socket's buffer is full, so that a large answer is
+        never copied whole into the connection's buffers.
+        """
         h2 = self._h2
-        view = memoryview(message)
         opened = self._window_open.setdefault(stream_id, asyncio.Event())
+        frame = bytearray()
+        written = 0
         try:
             h2.send_headers(stream_id, _RESPONSE_HEADERS)
-            while view:
+            for piece in pieces:
+                view = memoryview(piece)
+                while view:
+                    room = min(h2.local_flow_control_window(stream_id), h2.max_outbound_frame_size)
+                    if room <= len(frame):
+                        if frame:
+                            h2.send_data(stream_id, bytes(frame))
+                            written += len(frame)
+                            frame.clear()
+                            continue
+                        self.connection.flush()
+                        opened.clear()
+                        await opened.wait()
+                        continue
+                    take = room - len(frame)
+                    frame += view[:take]
+                    view = view[take:]
+                    if len(frame) == room:
+                        h2.send_data(stream_id, bytes(frame))
+                        written += len(frame)
+                        frame.clear()
+                    if written >= _WRITE_CHUNK:
+                        written = 0
+                        self.connection.flush()
+                        await asyncio.sleep(0)  # the gathered writes go to the socket
+                        await self.connection.write_ready.wait()
+            while frame:
                 room = min(h2.local_flow_control_window(stream_id), h2.max_outbound_frame_size)
                 if room <= 0:
                     self.connection.flush()
                     opened.clear()
                     await opened.wait()
                     continue
-                h2.send_data(stream_id, bytes(view[:room]))
-                view = view[room:]
-                self.connection.flush()
-                await self.connection.write_ready.wait()
+                h2.send_data(stream_id, bytes(frame[:room]))
+                del frame[:room]
             h2.send_headers(stream_id, _OK_TRAILERS, end_stream=True)
         except (StreamClosedError, ProtocolError, FlowControlError) as e:
             log.debug("stream %d: the answer is not sent: %s", stream_id, e)

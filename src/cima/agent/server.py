@@ -107,7 +107,7 @@ from cima.agent.events import NODE, RuntimeEvent, canonical
 from cima.agent.identity import Caller, caller_from_pid
 from cima.agent.journal import Journal
 from cima.agent.policy import Policy
-from cima.agent.rpc import UnaryMethod, UnaryProcessor
+from cima.agent.rpc import Serialized, UnaryMethod, UnaryProcessor
 from cima.agent.views import (
     IMAAttribution,
     RedactedIMAEntry,
@@ -584,7 +584,7 @@ def binding_algorithm(platform: Platform) -> str:
 # -- the services -------------------------------------------------------------------------------
 
 
-Handler = Callable[[_Identity, Any], Awaitable[Message]]
+Handler = Callable[[_Identity, Any], Awaitable[Message | Serialized]]
 
 
 class _Core:
@@ -851,7 +851,9 @@ class _Service:
         except Exception as e:
             status, message = _status_of(e)
             raise GRPCError(status, message) from None
-        await stream.send_message(response)
+        await stream.send_message(
+            response if isinstance(response, Message) else response.to_message()
+        )
 
 
 # -- the CIMA-compatible service ----------------------------------------------------------------
