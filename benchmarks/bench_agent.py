@@ -191,6 +191,23 @@ class AgentProcess:
         self.process.join(30)
 
 
+def _rate_row(latencies_ms: list[float], seconds: float, clients: int) -> dict[str, Any]:
+    """Calls answered, their rate and p50/p99 latency (``latencies_ms`` sorted)."""
+    n = len(latencies_ms)
+
+    def pct(q: float) -> float:
+        return round(latencies_ms[min(n - 1, int(q * n))], 3) if n else float("nan")
+
+    return {
+        "entries": n,
+        "seconds": seconds,
+        "entries_per_s": n / seconds,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "clients": clients,
+    }
+
+
 # -- the clients ----------------------------------------------------------------------------------
 
 
@@ -297,19 +314,8 @@ def _load(
         raise RuntimeError(f"{len(errors)} client errors, first: {errors[0]}")
     latencies.sort()
     n = len(latencies)
-
-    def pct(q: float) -> float:
-        return round(latencies[min(n - 1, int(q * n))] * 1000, 3) if n else float("nan")
-
-    row: dict[str, Any] = {
-        "entries": n,
-        "seconds": seconds,
-        "entries_per_s": n / seconds,
-        "p50_ms": pct(0.50),
-        "p99_ms": pct(0.99),
-        "clients": clients,
-        "client_processes": len(procs),
-    }
+    row = _rate_row([x * 1000 for x in latencies], seconds, clients)
+    row["client_processes"] = len(procs)
     if server_pid and cpu1 is not None and n:
         # The agent's own CPU per request: what the rate would be bound by on a
         # core of its own, whatever else the machine runs.
@@ -405,18 +411,9 @@ def _h2load(agent: AgentProcess, kind: str, *, clients: int, seconds: float) -> 
     n = len(durations)
     if not n or statuses.get("OK", 0) < n:
         raise RuntimeError(f"{n} calls logged, {statuses.get('OK', 0)} answered OK")
-
-    def pct(q: float) -> float:
-        return round(durations[min(n - 1, int(q * n))], 3)
-
     client_cpu = (used.ru_utime + used.ru_stime) - (children.ru_utime + children.ru_stime)
     return {
-        "entries": n,
-        "seconds": seconds,
-        "entries_per_s": n / seconds,
-        "p50_ms": pct(0.50),
-        "p99_ms": pct(0.99),
-        "clients": clients,
+        **_rate_row(durations, seconds, clients),
         "load": "h2load",
         # The agent's CPU per call: what the rate is bound by on a core of its own.
         "server_cpu_ms_per_request": round((cpu1 - cpu0) * 1000 / n, 3),
