@@ -191,6 +191,13 @@ class AgentProcess:
         self.process.join(30)
 
 
+def _quotes(calls: int, quotes: int) -> dict[str, Any]:
+    """Hardware quotes taken and calls answered per quote (nothing for calls without quotes)."""
+    if not quotes:
+        return {}
+    return {"hardware_quotes": quotes, "requests_per_quote": round(calls / quotes, 2)}
+
+
 def _rate_row(latencies_ms: list[float], seconds: float, clients: int) -> dict[str, Any]:
     """Calls answered, their rate and p50/p99 latency (``latencies_ms`` sorted)."""
     n = len(latencies_ms)
@@ -420,8 +427,7 @@ def _h2load(agent: AgentProcess, kind: str, *, clients: int, seconds: float) -> 
         # h2load's (warm-up included, so an upper bound).
         "client_cpu_ms_per_request": round(client_cpu * 1000 / n, 3),
         # Over the whole run, warm-up included: calls answered per hardware quote.
-        "hardware_quotes": quotes,
-        "requests_per_quote": round(statuses.get("OK", 0) / max(1, quotes), 2),
+        **_quotes(statuses.get("OK", 0), quotes),
     }
 
 
@@ -451,8 +457,7 @@ def _run_load(
     return {
         **row,
         "load": f"grpcio clients, {row['client_processes']} processes",
-        "hardware_quotes": quotes,
-        "requests_per_quote": round(row["entries"] / max(1, quotes), 2),
+        **_quotes(row["entries"], quotes),
     }
 
 
