@@ -13,6 +13,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -23,6 +24,7 @@ import pytest
 from cima._proto.cima import agent_pb2
 from cima.agent.rpc import Serialized
 from cima.agent.server import MAX_REQUEST
+from cima.evidence.bundle import EvidenceBundle
 from tests.agent.test_server import Agent, assert_serving, booted_software_platform, start_agent
 
 GRPC_HEADERS = [("content-type", "application/grpc"), ("te", "trailers")]
@@ -333,8 +335,61 @@ def test_a_serialized_field_decodes_as_the_message(size: int) -> None:
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
     pieces = [data[i : i + 1000] for i in range(0, len(data), 1000)]
     message = Serialized.field(agent_pb2.GetEvidenceResponse, 1, pieces)
-    assert message.size == sum(len(p) for p in message.pieces)
+    sent = b"".join(message.pieces)  # the pieces are an iterator: sent once
+    assert message.size == len(sent)
     expected = agent_pb2.GetEvidenceResponse(bundle=data)
-    assert message.to_message() == expected
+    assert agent_pb2.GetEvidenceResponse.FromString(sent) == expected
     if size:  # proto3 leaves an empty field out; the explicit empty one decodes the same
-        assert b"".join(message.pieces) == expected.SerializeToString()
+        assert sent == expected.SerializeToString()
+    lazy = Serialized.field(agent_pb2.GetEvidenceResponse, 1, iter(pieces), size=len(data))
+    assert lazy.size == message.size
+    assert lazy.to_message() == expected
+
+
+def _evidence(client: RawClient, nonce: bytes) -> Answer:
+    request = agent_pb2.GetEvidenceRequest(nonce=nonce).SerializeToString()
+    return client.call("/cima.v1.Agent/GetEvidence", grpc_message(request))
+
+
+def test_an_evidence_bundle_made_as_it_is_sent_is_the_bundle(agent: Agent) -> None:
+    """The bundle's JSON is encoded while it is framed, through 1,000-byte windows."""
+    client = RawClient(agent.socket, window=1000)
+    try:
+        sid = client.open("/cima.v1.Agent/GetEvidence")
+        client.send(sid, grpc_message(agent_pb2.GetEvidenceRequest(nonce=b"n").SerializeToString()))
+        answer = client.answers[sid]
+        while not answer.ended:
+            before = len(answer.data)
+            client.pump()
+            if len(answer.data) > before:
+                client.h2.acknowledge_received_data(len(answer.data) - before, sid)
+                client.flush()
+        assert answer.status == 0
+        bundle = EvidenceBundle.from_json(
+            agent_pb2.GetEvidenceResponse.FromString(answer.message).bundle
+        )
+    finally:
+        client.close()
+    assert bundle.nonce == b"n"
+    assert bundle.ima_log is not None and len(bundle.ima_log) == len(agent.ima)
+    bundle.verify_binding()
+
+
+def test_pieces_that_do_not_add_up_reset_the_call(
+    agent: Agent, raw: RawClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bundle whose second encoding differs from the first is never sent as a message."""
+    from cima.agent import server as server_module
+
+    real = server_module._Core.bundle_json
+
+    def one_byte_short(self: Any, attested: Any) -> Any:
+        size, pieces = real(self, attested)
+        return size + 1, pieces
+
+    monkeypatch.setattr(server_module._Core, "bundle_json", one_byte_short)
+    answer = _evidence(raw, b"n")
+    assert answer.reset and not answer.trailers
+    assert agent.server.answered["INTERNAL"] >= 1
+    monkeypatch.undo()
+    assert _evidence(raw, b"n").status == 0

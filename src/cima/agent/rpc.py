@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import struct
 import types
-from collections.abc import Callable, Coroutine, Generator, Sequence
+from collections.abc import Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -42,6 +43,7 @@ from google.protobuf.message import DecodeError, Message
 from grpclib.const import Status
 from grpclib.metadata import encode_grpc_message
 from grpclib.protocol import AbstractHandler, Connection, EventsProcessor
+from h2.errors import ErrorCodes
 from h2.events import DataReceived, RequestReceived, StreamEnded, StreamReset, WindowUpdated
 from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
 
@@ -64,27 +66,46 @@ StatusOf = Callable[[BaseException], tuple[Status, str]]
 
 #: How much of a large answer is framed before the event loop writes it.
 _WRITE_CHUNK = 256 * 1024
+#: The largest DATA frame sent, whatever larger frames and windows the peer allows:
+#: a large answer goes out in frames of this size, each written as it is made.
+_MAX_FRAME = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
 class Serialized:
-    """A response message already serialised, in pieces that are sent as they are.
+    """A response message already serialised, in pieces that are sent as they come.
 
     For answers of many megabytes (an evidence bundle with a long IMA log): the
-    pieces are framed one after another, never joined into one buffer.
+    pieces are framed one after another, never joined into one buffer, and may
+    be made as they are sent (an iterator). ``size`` is their total length,
+    known beforehand (the gRPC message header says it first); pieces that add
+    up to another length end the call with a reset, never a wrong message.
     ``message_type`` decodes the whole where a ``Message`` is needed.
     """
 
     message_type: type[Message]
-    pieces: Sequence[bytes]
+    pieces: Iterable[bytes]
     size: int
 
     @classmethod
-    def field(cls, message_type: type[Message], number: int, pieces: Sequence[bytes]) -> Serialized:
-        """A message whose only field is the bytes field ``number``, made of ``pieces``."""
-        size = sum(len(p) for p in pieces)
+    def field(
+        cls,
+        message_type: type[Message],
+        number: int,
+        pieces: Iterable[bytes],
+        *,
+        size: int | None = None,
+    ) -> Serialized:
+        """A message whose only field is the bytes field ``number``, made of ``pieces``.
+
+        ``size``: the pieces' total length, when they are an iterator made as
+        they are sent.
+        """
+        if size is None:
+            pieces = tuple(pieces)
+            size = sum(len(p) for p in pieces)
         head = _varint((number << 3) | 2) + _varint(size)
-        return cls(message_type, (head, *pieces), len(head) + size)
+        return cls(message_type, itertools.chain((head,), pieces), len(head) + size)
 
     def to_message(self) -> Message:
         return self.message_type.FromString(b"".join(self.pieces))
@@ -288,29 +309,35 @@ class UnaryProcessor(EventsProcessor):
         self.connection.flush()
 
     def _answer(self, stream_id: int, response: Message | Serialized) -> None:
+        pieces: Iterable[bytes]
         if isinstance(response, Serialized):
-            pieces = response.pieces
-            size = response.size
+            pieces, size = response.pieces, response.size
         else:
             payload = response.SerializeToString()
             pieces, size = (payload,), len(payload)
         head = _MESSAGE_HEADER.pack(False, size)
         h2 = self._h2
-        if size + 5 <= min(h2.local_flow_control_window(stream_id), h2.max_outbound_frame_size):
+        if size + 5 <= self._room(stream_id):
+            message = b"".join((head, *pieces))
+            if len(message) != size + 5:
+                self._broken(stream_id, size, len(message) - 5)
+                return
             try:
                 h2.send_headers(stream_id, _RESPONSE_HEADERS)
-                h2.send_data(stream_id, b"".join((head, *pieces)))
+                h2.send_data(stream_id, message)
                 h2.send_headers(stream_id, _OK_TRAILERS, end_stream=True)
             except (StreamClosedError, ProtocolError, FlowControlError) as e:
                 log.debug("stream %d: the answer is not sent: %s", stream_id, e)
             self._done(stream_id, Status.OK)
             return
-        task = asyncio.get_running_loop().create_task(self._send_large(stream_id, (head, *pieces)))
+        task = asyncio.get_running_loop().create_task(
+            self._send_large(stream_id, itertools.chain((head,), pieces), size + 5)
+        )
         call = self._calls.get(stream_id)
         if call is not None:
             call.task = task
 
-    async def _send_large(self, stream_id: int, pieces: Sequence[bytes]) -> None:
+    async def _send_large(self, stream_id: int, pieces: Iterable[bytes], size: int) -> None:
         """Send a response in frames as the peer's flow-control windows allow.
 
         Every :data:`_WRITE_CHUNK` bytes the event loop writes what was framed
@@ -320,13 +347,16 @@ class UnaryProcessor(EventsProcessor):
         h2 = self._h2
         opened = self._window_open.setdefault(stream_id, asyncio.Event())
         frame = bytearray()
-        written = 0
+        written = total = 0
         try:
             h2.send_headers(stream_id, _RESPONSE_HEADERS)
             for piece in pieces:
+                total += len(piece)
+                if total > size:
+                    break
                 view = memoryview(piece)
                 while view:
-                    room = min(h2.local_flow_control_window(stream_id), h2.max_outbound_frame_size)
+                    room = self._room(stream_id)
                     if room <= len(frame):
                         if frame:
                             h2.send_data(stream_id, bytes(frame))
@@ -349,8 +379,11 @@ class UnaryProcessor(EventsProcessor):
                         self.connection.flush()
                         await asyncio.sleep(0)  # the gathered writes go to the socket
                         await self.connection.write_ready.wait()
+            if total != size:
+                self._broken(stream_id, size - 5, total - 5)
+                return
             while frame:
-                room = min(h2.local_flow_control_window(stream_id), h2.max_outbound_frame_size)
+                room = self._room(stream_id)
                 if room <= 0:
                     self.connection.flush()
                     opened.clear()
@@ -367,6 +400,24 @@ class UnaryProcessor(EventsProcessor):
             self._window_open.pop(stream_id, None)
         self._done(stream_id, Status.OK)
         self.connection.flush()
+
+    def _room(self, stream_id: int) -> int:
+        """The largest DATA frame the stream may take now (never above :data:`_MAX_FRAME`)."""
+        h2 = self._h2
+        return min(h2.local_flow_control_window(stream_id), h2.max_outbound_frame_size, _MAX_FRAME)
+
+    def _broken(self, stream_id: int, declared: int, made: int) -> None:
+        """An answer whose pieces do not add up to its declared size: reset, never sent wrong."""
+        log.error(
+            "stream %d: the answer's pieces make %d bytes, %d were declared: reset",
+            stream_id,
+            made,
+            declared,
+        )
+        with contextlib.suppress(StreamClosedError, ProtocolError):
+            self._h2.reset_stream(stream_id, ErrorCodes.INTERNAL_ERROR)
+        self.connection.flush()
+        self._done(stream_id, Status.INTERNAL)
 
     def _fail(self, stream_id: int, status: Status, message: str) -> None:
         headers = [*_RESPONSE_HEADERS, ("grpc-status", str(status.value))]

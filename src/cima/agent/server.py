@@ -90,8 +90,8 @@ import socket
 import stat
 import struct
 import threading
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -114,6 +114,8 @@ from cima.agent.views import (
     View,
     ima_records,
     ima_view,
+    iter_ima_records,
+    iter_ima_view,
     runtime_view,
     view_of,
 )
@@ -754,17 +756,45 @@ class _Core:
 
     def bundle(self, attested: _Attested) -> EvidenceBundle:
         """The evidence bundle of a report (blocking: logs are read after the quote)."""
+        bundle, ima = self._bundle(attested)
+        return bundle if ima is None else replace(bundle, ima_log=tuple(ima()))
+
+    def bundle_json(self, attested: _Attested) -> tuple[int, Callable[[], Iterator[bytes]]]:
+        """The bundle's JSON as its size and a maker of its pieces (blocking).
+
+        The IMA log is encoded from the list's compact store one record at a
+        time, twice: once to count the bytes (the gRPC message says its length
+        first), once as the answer is sent. No copy of the whole JSON is ever
+        held, whatever the length of the list.
+        """
+        bundle, ima = self._bundle(attested)
+
+        def pieces() -> Iterator[bytes]:
+            return bundle.json_pieces(None if ima is None else ima())
+
+        return sum(len(p) for p in pieces()), pieces
+
+    def _bundle(
+        self, attested: _Attested
+    ) -> tuple[EvidenceBundle, Callable[[], Iterator[CELRecord]] | None]:
+        """The bundle without its IMA log, and a maker of that log's records (None: no log)."""
         view = attested.view
         self.proven()
         events = runtime_view(view, self.events.snapshot())
-        ima = None
+        ima: Callable[[], Iterator[CELRecord]] | None = None
         if self.source.policy.backend == "ima":
             # The IMA log must reach at least as far as the quoted register: read
             # what the kernel appended since the engine's last poll.
             if self.refresh_ima is not None:
                 self.refresh_ima()
-            ima = self.ima(view)
-        return EvidenceBundle(
+            entries = self.source.ima_entries()  # a snapshot: later reads do not change it
+            owners = self.attribution.owners(entries)
+            banks = self.platform.algorithms()
+
+            def ima() -> Iterator[CELRecord]:
+                return iter_ima_records(iter_ima_view(view, entries, owners, algorithms=banks))
+
+        bundle = EvidenceBundle(
             platform=self.platform.name,
             report=_bundle_report(attested.report),
             nonce=attested.nonce,
@@ -776,15 +806,14 @@ class _Core:
             runtime_start=self.start_value,
             runtime_log=tuple(e.to_cel() for e in events),
             boot_log=None if self.boot_cel is None else tuple(self.boot_cel),
-            ima_log=None if ima is None else tuple(ima_records(ima)),
+            ima_log=None if ima is None else (),
             container_register=attested.container_register,
             batch=attested.proof,
-            batch_root=None
-            if attested.proof is None
-            else attested.proof.root_from(attested.binding),
+            batch_root=None if attested.proof is None else attested.report.nonce,
             created=utc_now(),
             agent_version=cima.__version__,
         )
+        return bundle, ima
 
 
 def _quoted_value(report: Report, register: str, algorithm: str) -> bytes | None:
@@ -1208,13 +1237,14 @@ class NativeService(_Service, agent_grpc.AgentBase):  # type: ignore[misc]
             platform=core.platform.name,
         )
 
-    async def _evidence(self, identity: _Identity, request: Any) -> Message:
+    async def _evidence(self, identity: _Identity, request: Any) -> Serialized:
         core = self.core
         view = core.view(identity)
         attested = await core.attest(view, request.nonce, request.user_data, batch=True)
         loop = asyncio.get_running_loop()
-        bundle = await loop.run_in_executor(core.executor, core.bundle, attested)
-        return agent_pb2.GetEvidenceResponse(bundle=bundle.to_json_bytes())
+        size, pieces = await loop.run_in_executor(core.executor, core.bundle_json, attested)
+        # Field 1 (bundle) of GetEvidenceResponse, its pieces encoded as they are sent.
+        return Serialized.field(agent_pb2.GetEvidenceResponse, 1, pieces(), size=size)
 
 
 # -- the server ------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ __all__ = [
     "ima_records",
     "ima_to_cel",
     "ima_view",
+    "iter_ima_records",
     "iter_ima_view",
     "runtime_view",
     "view_for",
@@ -286,12 +287,15 @@ def ima_records(items: Iterable[IMAEntry | RedactedIMAEntry]) -> list[CELRecord]
     An entry whose template data is unknown (an unknown template read from an
     ascii list) has no ``ima_template`` form: it is served by its digest alone.
     """
-    out: list[CELRecord] = []
+    return list(iter_ima_records(items))
+
+
+def iter_ima_records(items: Iterable[IMAEntry | RedactedIMAEntry]) -> Iterator[CELRecord]:
+    """:func:`ima_records`, one record at a time."""
     for i in items:
         if isinstance(i, RedactedIMAEntry):
-            out.append(i.to_cel())
+            yield i.to_cel()
         elif not i.has_template_data:
-            out.append(RedactedIMAEntry.of(i, ()).to_cel())
+            yield RedactedIMAEntry.of(i, ()).to_cel()
         else:
-            out.append(ima_to_cel(i))
-    return out
+            yield ima_to_cel(i)

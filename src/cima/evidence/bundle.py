@@ -70,7 +70,7 @@ import binascii
 import hmac
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -403,21 +403,33 @@ class EvidenceBundle:
         The logs are encoded one record at a time, so that a long IMA log is
         never held as a tree of dictionaries and as text at once.
         """
+        return b"".join(self.json_pieces())
+
+    def json_pieces(self, ima_log: Iterable[CELRecord] | None = None) -> Iterator[bytes]:
+        """:meth:`to_json_bytes` in pieces (each record a piece), made as they are asked for.
+
+        ``ima_log`` stands for the bundle's IMA log where it is given, so that a
+        long log can be encoded from an iterator without being held whole.
+        """
         encode = _COMPACT.encode
-        head = self.to_dict(logs=False)
-        parts = [encode(head)[:-1].encode("ascii"), b',"logs":{']
-        for i, (name, log) in enumerate(
-            (("boot", self.boot_log), ("ima", self.ima_log), ("runtime", self.runtime_log))
-        ):
-            parts.append(b'%s"%s":' % (b"," if i else b"", name.encode()))
+        yield encode(self.to_dict(logs=False))[:-1].encode("ascii")
+        yield b',"logs":{'
+        logs = (
+            ("boot", self.boot_log),
+            ("ima", self.ima_log if ima_log is None else ima_log),
+            ("runtime", self.runtime_log),
+        )
+        for i, (name, log) in enumerate(logs):
+            yield b'%s"%s":' % (b"," if i else b"", name.encode())
             if log is None:
-                parts.append(b"null")
-            else:
-                parts.append(
-                    b"[" + b",".join(encode(r.to_dict()).encode("ascii") for r in log) + b"]"
-                )
-        parts.append(b"}}")
-        return b"".join(parts)
+                yield b"null"
+                continue
+            sep = b"["
+            for record in log:
+                yield sep + encode(record.to_dict()).encode("ascii")
+                sep = b","
+            yield b"]" if sep == b"," else b"[]"
+        yield b"}}"
 
     @classmethod
     def from_json(cls, text: str | bytes, *, source: str | None = None) -> EvidenceBundle:
