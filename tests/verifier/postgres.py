@@ -203,6 +203,13 @@ class PostgresCluster:
                     raise
                 time.sleep(0.05)
 
+    def postmaster_pid(self) -> int | None:
+        """The server's main process (its children are the connections' backends)."""
+        try:
+            return int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+
     def stop(self) -> None:
         """Stop the server and remove its directory."""
         if self._running:

@@ -640,3 +640,16 @@ def test_raise_for_status(bundle: EvidenceBundle, refs: ReferenceValues) -> None
     result = run(bundle, refs, nonce=b"x")
     with pytest.raises(AppraisalFailedError, match="contraindicated: evidence: step 3"):
         result.raise_for_status()
+
+
+def test_a_record_of_another_kind_in_the_boot_log_is_malformed_not_fatal(
+    bundle: EvidenceBundle, refs: ReferenceValues
+) -> None:
+    """A journal record whose content looks like a boot event's: named, and nothing breaks."""
+    assert bundle.boot_log is not None
+    odd = CELRecord(3, "pcr4", (), "cima", {"event_type": "x", "event_data": "y"})
+    log = (*bundle.boot_log[:3], odd, *bundle.boot_log[4:])
+    result = run(dataclasses.replace(bundle, boot_log=log), refs)
+    assert result.status == "contraindicated"
+    malformed = only(result, "log-malformed")
+    assert (malformed.event, malformed.log, malformed.submodule) == (3, "boot", "boot")

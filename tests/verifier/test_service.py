@@ -11,6 +11,7 @@ known-good bundle of the same node (:func:`cima.verifier.reference.create_refere
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import subprocess
@@ -39,6 +40,7 @@ from tests.verifier.servers import SRC, ThreadedVerifier, VerifierProcess
 ROOT = Path(__file__).resolve().parents[2]
 OPENAPI = ROOT / "docs" / "verifier-openapi.json"
 MAX_BODY = 2 * 1024 * 1024
+JSON_HEADERS = {"content-type": "application/json"}
 
 
 @dataclass
@@ -286,6 +288,28 @@ def test_appraisal_is_incremental_across_attestations(ready: Verifier, node: Sof
     state = ready.store.node_state("worker-1")
     assert state.version == 2 and state.state is not None
     assert state.state["ima_entries"] == 100
+
+
+def test_a_changed_boot_log_is_appraised_again(ready: Verifier, node: SoftwareNode) -> None:
+    """The service keeps what a boot log decodes and appraises to; a changed log is found."""
+    assert ready.attested(node, "worker-1")["status"] == "affirming"
+    second = ready.attested(node, "worker-1")
+    assert second["status"] == "affirming" and second["result"]["mode"] == "incremental"
+    good = node.boot
+    i = next(n for n, r in enumerate(good) if r.event_type == 0x0D and r.extends)  # EV_IPL
+    # Its data is not what its digest covers: the quote still matches the log's replay.
+    evil = {"event_type": 0x0D, "event_data": b"grub_cmd: linux /vmlinuz-evil\x00"}
+    node.boot = (*good[:i], dataclasses.replace(good[i], content=evil), *good[i + 1 :])
+    try:
+        changed = ready.attested(node, "worker-1")
+    finally:
+        node.boot = good
+    assert changed["status"] == "contraindicated"
+    failures = changed["result"]["failures"]
+    assert [(f["code"], f["event"]) for f in failures if f["submodule"] == "boot"] == [
+        ("boot-event", i)
+    ]
+    assert ready.attested(node, "worker-1")["status"] == "affirming"
 
 
 # -- reference values -----------------------------------------------------------------------------
@@ -669,6 +693,165 @@ def test_cima_verifier_serve(tmp_path: Path, node: SoftwareNode) -> None:
         assert latest is not None and latest.token is not None
 
 
+def test_worker_processes_share_one_sqlite_store(tmp_path: Path, node: SoftwareNode) -> None:
+    """``--workers 2``: each worker listens itself, both serve, a nonce is accepted once."""
+    url = f"sqlite:///{tmp_path / 'v.db'}"
+    with VerifierProcess(url, "--workers", "2") as v, v.client() as http:
+        seen: set[str] = set()
+        for _ in range(200):  # new connections until both workers have answered
+            seen.add(httpx.get(v.base + "/healthz", timeout=10).json()["instance"])
+            if len(seen) == 2:
+                break
+        assert len(seen) == 2, seen
+        refs = create_references([node.bundle(os.urandom(32))])
+        assert http.put("/v1/references/default", content=refs.to_yaml()).status_code == 201
+        bodies = [
+            node.bundle_json(bytes.fromhex(http.post("/v1/challenge", json={}).json()["nonce"]))
+            for _ in range(24)
+        ]
+
+        def attest(i: int) -> httpx.Response:
+            with v.client() as own:  # a connection of its own: the kernel picks the worker
+                return own.post("/v1/attest", content=bodies[i], headers=JSON_HEADERS)
+
+        assert {r.status_code for r in _together(24, attest)} == {200}
+        assert {r.status_code for r in _together(8, lambda _: attest(0))} == {409}
+        once = node.bundle_json(bytes.fromhex(http.post("/v1/challenge", json={}).json()["nonce"]))
+
+        def again(_: int) -> httpx.Response:
+            with v.client() as own:
+                return own.post("/v1/attest", content=once, headers=JSON_HEADERS)
+
+        assert sorted(r.status_code for r in _together(8, again)) == [200] + [409] * 7
+    with Store(url) as store, store.engine.connect() as conn:
+        assert store.count_results() == 25
+        instances = conn.exec_driver_sql("SELECT DISTINCT instance FROM cima_results").all()
+        assert len(instances) == 2, instances  # both workers stored results
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_address_in_use_is_refused(tmp_path: Path, workers: str) -> None:
+    with VerifierProcess(f"sqlite:///{tmp_path / 'a.db'}", "--workers", "2") as v:
+        done = _cli(
+            "serve",
+            "--store",
+            f"sqlite:///{tmp_path / 'b.db'}",
+            "--listen",
+            f"127.0.0.1:{v.port}",
+            "--workers",
+            workers,
+        )
+        assert done.returncode == 2 and "in use" in done.stderr, done.stderr
+        with v.client() as http:
+            assert http.get("/healthz").status_code == 200
+
+
+def test_a_tls_key_that_does_not_load_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    done = _cli(
+        "serve",
+        "--store",
+        f"sqlite:///{tmp_path / 'v.db'}",
+        "--tls-cert",
+        str(tmp_path / "cert.pem"),
+        "--tls-key",
+        str(tmp_path / "cert.pem"),
+    )
+    assert done.returncode == 2 and "--tls-cert" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_store_work_on_threads(tmp_path: Path, node: SoftwareNode) -> None:
+    """``threads`` > 0: the store's work on threads; every rule holds as on the event loop."""
+    store = Store(f"sqlite:///{tmp_path / 'v.db'}", instance="threads")
+    service = VerifierService(store, ServiceConfig(threads=3))
+    try:
+        with ThreadedVerifier(service) as server, server.client() as http:
+            refs = create_references([node.bundle(os.urandom(32))])
+            assert http.put("/v1/references/default", content=refs.to_yaml()).status_code == 201
+            bodies = [
+                node.bundle_json(bytes.fromhex(http.post("/v1/challenge", json={}).json()["nonce"]))
+                for _ in range(12)
+            ]
+
+            def attest(i: int) -> httpx.Response:
+                with server.client() as own:
+                    return own.post("/v1/attest", content=bodies[i % 12], headers=JSON_HEADERS)
+
+            responses = _together(24, attest)  # each body twice: one 200, one 409
+            assert sorted(r.status_code for r in responses) == [200] * 12 + [409] * 12
+            assert {r.json()["status"] for r in responses if r.status_code == 200} == {"affirming"}
+        assert store.count_results() == 12
+    finally:
+        store.close()
+
+
+def test_a_server_process_tunes_its_garbage_collector() -> None:
+    code = (
+        "import gc; from cima.verifier.service import tune_gc; tune_gc(); "
+        "print(gc.get_threshold()[0], gc.get_freeze_count() > 0)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(SRC)),
+        check=True,
+    )
+    assert done.stdout.split() == ["20000", "True"]
+
+
+def test_workers_stop_when_the_instance_process_is_killed(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    v = VerifierProcess(f"sqlite:///{tmp_path / 'v.db'}", "--workers", "2")
+    with v:
+        assert v.proc is not None
+        os.kill(v.proc.pid, signal.SIGKILL)  # no chance to stop its workers itself
+        v.proc.wait(10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(v.base + "/healthz", timeout=1)
+            except httpx.HTTPError:
+                break  # nobody listens any more
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the workers went on serving without their instance")
+
+
+def test_accepted_connections_do_not_wait_for_nagle() -> None:
+    """A response written in two parts goes out at once (TCP_NODELAY on accepted sockets)."""
+    import asyncio
+    import socket
+
+    from cima.verifier.service import listening_socket
+
+    sock = listening_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    found: list[int] = []
+
+    async def main() -> None:
+        async def handle(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            found.append(
+                w.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            )
+            w.close()
+
+        server = await asyncio.start_server(handle, sock=sock)
+        async with server:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(100):
+                if found:
+                    break
+                await asyncio.sleep(0.01)
+            w.close()
+
+    asyncio.run(main())
+    assert found and found[0] != 0
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(SRC))
     return subprocess.run(
@@ -694,6 +877,9 @@ def test_cima_verifier_openapi_writes_the_committed_document(tmp_path: Path) -> 
         (["--listen", "nowhere"], "HOST:PORT"),
         (["--store", "mysql://x/y"], "supported are sqlite"),
         (["--challenge-ttl", "0"], "must be positive"),
+        (["--workers", "0"], "--workers 0: must be at least 1"),
+        (["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"], "no such file"),
+        (["--threads", "-1"], "--threads -1: must be 0 or more"),
     ],
 )
 def test_cima_verifier_serve_refuses_bad_arguments(

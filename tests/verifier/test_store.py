@@ -8,6 +8,7 @@ server binaries or the driver are missing).
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -357,3 +358,105 @@ def test_sqlite_synchronous_can_be_relaxed_by_url(tmp_path: Path) -> None:
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
     with pytest.raises(StoreError, match="synchronous=off"):
         Store(url + "?synchronous=off")
+
+
+def test_an_unchanged_state_is_not_written_again(store: Store) -> None:
+    store.put_reference("default", {"version": 1})
+    state = {"ima_entries": 3, "values": {"pcr10": "ab"}}
+    _, saved = store.finish_attestation(
+        _begin(store, store.create_challenge().nonce),
+        status="affirming",
+        document={},
+        state=state,
+        key_id="k",
+    )
+    assert saved and store.node_state("n").version == 1
+    # The same state again (a node with nothing new): stored already, nothing written.
+    started = _begin(store, store.create_challenge().nonce)
+    assert started.node.state == state and started.node.version == 1
+    result, saved = store.finish_attestation(
+        started, status="affirming", document={"n": 2}, state=dict(state), key_id="k"
+    )
+    assert saved and store.node_state("n").version == 1
+    assert store.get_result(result.id).document == {"n": 2}
+    # Another key, or another state: written.
+    for key, new in (("k2", state), ("k2", {**state, "ima_entries": 4})):
+        started = _begin(store, store.create_challenge().nonce)
+        _, saved = store.finish_attestation(
+            started, status="affirming", document={}, state=new, key_id=key
+        )
+        assert saved and store.node_state("n").version == started.node.version + 1
+    assert store.node_state("n").state == {**state, "ima_entries": 4}
+
+
+def test_an_attestation_reads_the_node_it_names(store: Store) -> None:
+    """The node is the challenge's, else the hint; either way its own state is read."""
+    store.put_reference("default", {"version": 1})
+    for node_id, state in (("a", {"s": "a"}), ("b", {"s": "b"})):
+        store.save_node_state(node_id, state, expected_version=0, key_id="k")
+    named = store.create_challenge(node_id="a")
+    for hint in ("a", "b", None):
+        started = store.begin_attestation(
+            named.nonce,
+            session=None,
+            reference="default",
+            node=lambda c: c.node_id or "b",
+            node_hint=hint,
+        )
+        assert (started.node.node_id, started.node.state) == ("a", {"s": "a"})
+    unnamed = store.create_challenge()
+    for hint in ("b", "a", None):
+        started = store.begin_attestation(
+            unnamed.nonce, session=None, reference="default", node=lambda c: "b", node_hint=hint
+        )
+        assert (started.node.node_id, started.node.state) == ("b", {"s": "b"})
+    fresh = store.begin_attestation(
+        unnamed.nonce, session=None, reference="default", node=lambda c: "c", node_hint="c"
+    )
+    assert (fresh.node.version, fresh.node.state) == (0, None)
+
+
+def test_a_nonce_that_expired_before_the_result_is_stored_is_refused(store: Store) -> None:
+    store.put_reference("default", {"version": 1})
+    now = datetime.now(UTC)
+    c = store.create_challenge(ttl=timedelta(seconds=30), now=now)
+    late = store.begin_attestation(
+        c.nonce,
+        session=None,
+        reference="default",
+        node=lambda _: "n",
+        now=now + timedelta(seconds=10),
+    )
+    expired = dataclasses.replace(late, started=now + timedelta(seconds=31))
+    with pytest.raises(NonceError, match="expired") as e:
+        store.finish_attestation(expired, status="affirming", document={}, state={"s": 1})
+    assert e.value.reason == "expired" and store.count_results() == 0
+    assert store.node_state("n").version == 0
+    result, _ = store.finish_attestation(late, status="affirming", document={}, state={"s": 1})
+    assert store.get_result(result.id).status == "affirming"
+
+
+def test_documents_json_cannot_hold_exactly_are_stored_as_json_writes_them(store: Store) -> None:
+    store.put_reference("default", {"version": 1})
+    doc = {"big": 2**70, "text": "naïve ✓", "nested": [1.5, None, True]}
+    c = store.create_challenge()
+    result, _ = store.finish_attestation(_begin(store, c.nonce), status="affirming", document=doc)
+    assert store.get_result(result.id).document == doc
+
+
+def test_a_pooled_postgresql_connection_closed_while_idle_is_replaced(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No round trip before each use; one that sat idle is tested first."""
+    import cima.verifier.store as store_module
+
+    url: str = request.getfixturevalue("postgres_url")
+    monkeypatch.setattr(store_module, "_PING_IDLE_AFTER", 0.0)
+    with Store(url, pool_size=1) as s:
+        s.put_reference("default", {"version": 1})
+        with s.engine.connect() as conn:
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        with Store(url) as other, other.engine.begin() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        c = s.create_challenge()
+        assert s.consume_challenge(c.nonce).session == c.session

@@ -1,8 +1,11 @@
 """``cima verifier serve|openapi``: the HTTP verifier service.
 
-``serve`` runs one verifier instance (uvicorn, one process) over a store:
-SQLite by default, PostgreSQL by URL; any number of instances may share a
-PostgreSQL store. ``openapi`` prints the API's OpenAPI description (the file
+``serve`` runs one verifier instance over a store: SQLite by default,
+PostgreSQL by URL; any number of instances may share a PostgreSQL store. An
+instance is one uvicorn worker process per CPU by default (``--workers``),
+each with its own listening socket on Linux (``SO_REUSEPORT``: the kernel
+spreads connections over them); the workers share the store as instances do.
+``openapi`` prints the API's OpenAPI description (the file
 ``docs/verifier-openapi.json`` is its output).
 """
 
@@ -12,9 +15,11 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from cima.cli._util import UsageError, read_input
 
@@ -22,6 +27,7 @@ _DEFAULT_LISTEN = "127.0.0.1:8080"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from cima.verifier.service import DEFAULT_THREADS
     from cima.verifier.store import DEFAULT_URL
 
     p = sub.add_parser("verifier", help="run the HTTP verifier service")
@@ -83,17 +89,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--threads",
         metavar="N",
         type=int,
-        default=4,
-        help="threads per process for appraisal and database work (default 4)",
+        default=None,
+        help=(
+            f"threads per worker process for the store's work (default {DEFAULT_THREADS}: on "
+            "the worker's event loop; more for a distant or slow database)"
+        ),
     )
     serve.add_argument(
         "--workers",
         metavar="N",
         type=int,
-        default=1,
+        default=None,
         help=(
-            "worker processes sharing the address (default 1); each is like one more "
-            "instance on the same store, so use it with PostgreSQL"
+            "worker processes serving the address (default: one per CPU); they share the "
+            "store as instances do, so a nonce is accepted once across all of them"
         ),
     )
     serve.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate")
@@ -149,22 +158,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cima.verifier.service import (
         DEFAULT_MAX_BODY,
         DEFAULT_REFERENCE,
+        DEFAULT_THREADS,
         SETTINGS_VARIABLE,
         ServiceConfig,
         VerifierService,
         create_app,
         instance_name,
+        listening_socket,
         load_jwt_key,
+        tune_gc,
     )
     from cima.verifier.store import Store, check_name
 
     host, port = parse_listen(args.listen)
     if args.challenge_ttl <= 0:
         raise UsageError(f"--challenge-ttl {args.challenge_ttl}: must be positive")
-    if args.workers < 1 or args.threads < 1:
-        raise UsageError("--workers and --threads must be at least 1")
+    workers = default_workers() if args.workers is None else args.workers
+    threads = DEFAULT_THREADS if args.threads is None else args.threads
+    if workers < 1:
+        raise UsageError(f"--workers {workers}: must be at least 1")
+    if threads < 0:
+        raise UsageError(f"--threads {threads}: must be 0 or more")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
+    if args.tls_cert:
+        _check_tls(args.tls_cert, args.tls_key)
     reference = args.reference or DEFAULT_REFERENCE
     try:
         check_name(reference)
@@ -183,7 +201,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         challenge_ttl=timedelta(seconds=args.challenge_ttl),
         default_reference=reference,
         jwt_key=key,
-        threads=args.threads,
+        threads=threads,
     )
     level = getattr(logging, args.log_level.upper())
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -192,7 +210,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     scheme = "https" if args.tls_cert else "http"
     sys.stderr.write(
         f"cima verifier {instance}: store {store.url}, listening on {scheme}://{args.listen}"
-        + (f" ({args.workers} worker processes)\n" if args.workers > 1 else "\n")
+        + (f" ({workers} worker processes)\n" if workers > 1 else "\n")
     )
     sys.stderr.flush()
     server_options: dict[str, object] = {
@@ -204,9 +222,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "ssl_keyfile": args.tls_key,
         "server_header": False,
     }
-    if args.workers == 1:
+    if workers == 1:
         try:
-            uvicorn.run(create_app(VerifierService(store, config)), **server_options)  # type: ignore[arg-type]
+            try:
+                sock = listening_socket(host, port)
+            except OSError as e:
+                raise UsageError(f"--listen {args.listen}: {e.strerror or e}") from None
+            server = uvicorn.Server(
+                uvicorn.Config(create_app(VerifierService(store, config)), **server_options)  # type: ignore[arg-type]
+            )
+            tune_gc()
+            server.run(sockets=[sock])
         finally:
             store.close()
         return 0
@@ -220,16 +246,114 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "max_body": config.max_body,
             "challenge_ttl": args.challenge_ttl,
             "reference": reference,
-            "threads": args.threads,
+            "threads": threads,
         }
     )
+    if hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux"):
+        return run_workers(host, port, workers, server_options)
     uvicorn.run(
         "cima.verifier.service:app_from_environment",
         factory=True,
-        workers=args.workers,
+        workers=workers,
         **server_options,  # type: ignore[arg-type]
     )
     return 0
+
+
+def _check_tls(cert: str, key: str) -> None:
+    """Refuse a certificate and key that do not load (before any worker starts)."""
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except FileNotFoundError as e:
+        raise UsageError(f"--tls-cert/--tls-key {e.filename}: no such file") from None
+    except (ssl.SSLError, OSError) as e:
+        raise UsageError(f"--tls-cert {cert}, --tls-key {key}: {e}") from None
+
+
+def default_workers() -> int:
+    """One worker process per CPU this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def run_workers(host: str, port: int, workers: int, options: dict[str, object]) -> int:
+    """Run ``workers`` worker processes, each listening on ``host:port`` (``SO_REUSEPORT``).
+
+    This process holds the address (bound, not listening, so that it is not
+    taken by another program while a worker restarts), starts the workers
+    (:func:`cima.verifier.service.serve_worker`), starts a worker again when
+    one dies after it started serving, and stops them all on SIGTERM or
+    SIGINT (a worker whose parent is gone stops by itself). A worker that
+    fails before it serves (its store cannot be opened) stops the instance: 1.
+    """
+    import multiprocessing
+    import signal
+    import threading
+
+    from cima.verifier.service import listening_socket, serve_worker
+
+    try:
+        if port:  # in use by another program (or instance): refused, as one socket would be
+            listening_socket(host, port, listen=False).close()
+        anchor = listening_socket(host, port, listen=False, reuse_port=True)
+    except OSError as e:
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise UsageError(f"--listen {address}: {e.strerror or e}") from None
+    port = int(anchor.getsockname()[1])
+    ctx = multiprocessing.get_context("spawn")
+    stop = threading.Event()
+    log = logging.getLogger("cima.verifier")
+
+    def start() -> tuple[multiprocessing.process.BaseProcess, Any]:
+        ready = ctx.Event()
+        proc = ctx.Process(
+            target=serve_worker,
+            args=(host, port, options, ready, os.getpid()),
+            name="cima-verifier-worker",
+        )
+        proc.start()
+        return proc, ready
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    status = 0
+    running = [start() for _ in range(workers)]
+    try:
+        while not stop.wait(0.25):
+            for i, (proc, ready) in enumerate(running):
+                if proc.is_alive():
+                    continue
+                if not ready.is_set():
+                    sys.stderr.write(
+                        f"cima verifier: a worker process failed to start (exit code "
+                        f"{proc.exitcode})\n"
+                    )
+                    status = 1
+                    stop.set()
+                    break
+                log.warning(
+                    "worker process %s exited (%s): starting another", proc.pid, proc.exitcode
+                )
+                running[i] = start()
+    finally:
+        for proc, _ in running:
+            if proc.is_alive():
+                proc.terminate()
+        for proc, _ in running:
+            proc.join(20)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        anchor.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return status
 
 
 def cmd_openapi(args: argparse.Namespace) -> int:

@@ -28,15 +28,28 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import struct
-from collections.abc import Iterable, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cima.digests import by_name
+import orjson
+
+from cima.digests import ALGORITHMS, HashAlgorithm, by_name
 from cima.errors import AlgorithmError, ParseError, RegisterError
-from cima.registers import cc_index, cc_name, check_name, pcr_index, pcr_name
+from cima.registers import (
+    CC_INDEX_TO_NAME,
+    PCR_NAMES,
+    cc_index,
+    cc_name,
+    check_name,
+    pcr_index,
+    pcr_name,
+)
 
 PCCLIENT_STD = "pcclient_std"
 IMA_TEMPLATE = "ima_template"
@@ -156,60 +169,42 @@ class CELRecord:
 
     @classmethod
     def from_dict(cls, obj: object, *, position: int = 0) -> CELRecord:
-        """Decode one CEL-JSON record; errors name the record and the key."""
+        """Decode one CEL-JSON record; errors name the record and the key.
 
-        def fail(key: str, why: str) -> ParseError:
-            return ParseError(f"CEL record {position}: {key!r} {why}")
-
+        The common shapes (canonical algorithm names, a register with its
+        matching index) take a fast path; anything else is checked by the
+        general path, which gives the error.
+        """
         if not isinstance(obj, dict):
             raise ParseError(f"CEL record {position}: expected an object, got {type(obj).__name__}")
-        known = {
-            "recnum",
-            "pcr",
-            "imr",
-            "nv_index",
-            "register",
-            "digests",
-            "content_type",
-            "content",
-        }
-        for key in obj:
-            if key not in known:
-                raise fail(key, "is not a CEL record key")
+        if not _RECORD_KEYS.issuperset(obj):
+            for key in obj:
+                if key not in _RECORD_KEYS:
+                    raise _fail(position, key, "is not a CEL record key")
         recnum = obj.get("recnum")
         if not isinstance(recnum, int) or isinstance(recnum, bool) or recnum < 0:
-            raise fail("recnum", "must be a non-negative integer")
-        register = _register_of(obj, fail)
+            raise _fail(position, "recnum", "must be a non-negative integer")
+        register = _fast_register(obj)
+        if register is None:
+            register = _register_of(obj, position)
         raw_digests = obj.get("digests")
         if not isinstance(raw_digests, list):
-            raise fail("digests", "must be a list")
+            raise _fail(position, "digests", "must be a list")
         digests: list[tuple[str, bytes]] = []
         for i, d in enumerate(raw_digests):
-            if not isinstance(d, dict) or set(d) != {"hashAlg", "digest"}:
-                raise fail(f"digests[{i}]", "must be an object with hashAlg and digest")
-            try:
-                alg = by_name(str(d["hashAlg"]))
-                value = bytes.fromhex(str(d["digest"]))
-            except (AlgorithmError, ValueError) as e:
-                raise fail(f"digests[{i}]", f"is invalid: {e}") from e
-            if len(value) != alg.digest_size:
-                raise fail(
-                    f"digests[{i}]",
-                    f"has {len(value)} bytes, {alg.name} needs {alg.digest_size}",
-                )
-            digests.append((alg.name, value))
+            digests.append(_digest_of(d, i, position))
         ctype = obj.get("content_type")
         if ctype not in CONTENT_TYPES:
-            raise fail("content_type", f"must be one of {', '.join(CONTENT_TYPES)}")
+            raise _fail(position, "content_type", f"must be one of {', '.join(CONTENT_TYPES)}")
         raw = obj.get("content")
         if not isinstance(raw, dict):
-            raise fail("content", "must be an object")
+            raise _fail(position, "content", "must be an object")
         content: dict[str, Any]
         if ctype == PCCLIENT_STD:
             et = raw.get("event_type")
             if not isinstance(et, int) or isinstance(et, bool) or not 0 <= et <= 0xFFFFFFFF:
-                raise fail("content.event_type", "must be a 32-bit unsigned integer")
-            data = _b64(raw.get("event_data"), fail, "event_data")
+                raise _fail(position, "content.event_type", "must be a 32-bit unsigned integer")
+            data = _b64(raw.get("event_data"), position, "event_data")
             content = {"event_type": et, "event_data": data}
             if "event_size" in raw:
                 size = raw["event_size"]
@@ -218,22 +213,83 @@ class CELRecord:
                     or isinstance(size, bool)
                     or not 0 <= size <= len(data)
                 ):
-                    raise fail("content.event_size", "must be an integer up to the data's length")
+                    raise _fail(
+                        position,
+                        "content.event_size",
+                        "must be an integer up to the data's length",
+                    )
                 content["event_size"] = size
         elif ctype == IMA_TEMPLATE:
             name = raw.get("template_name")
             if not isinstance(name, str) or not name:
-                raise fail("content.template_name", "must be a non-empty string")
+                raise _fail(position, "content.template_name", "must be a non-empty string")
             content = {
                 "template_name": name,
-                "template_data": _b64(raw.get("template_data"), fail, "template_data"),
+                "template_data": _b64(raw.get("template_data"), position, "template_data"),
             }
         else:
             content = dict(raw)
         return cls(recnum, register, tuple(digests), str(ctype), content)
 
 
-def _register_of(obj: dict[str, Any], fail: Any) -> str:
+def _fail(position: int, key: str, why: str) -> ParseError:
+    return ParseError(f"CEL record {position}: {key!r} {why}")
+
+
+#: Canonical algorithm names (the fast path of a record's digests; other spellings go to by_name).
+_CANONICAL_ALGS: dict[str, HashAlgorithm] = {a.name: a for a in ALGORITHMS}
+
+
+def _digest_of(d: object, i: int, position: int) -> tuple[str, bytes]:
+    """One entry of a record's ``digests``: (algorithm, digest)."""
+    if type(d) is dict and len(d) == 2:
+        name = d.get("hashAlg")
+        text = d.get("digest")
+        alg = _CANONICAL_ALGS.get(name) if type(name) is str else None
+        if alg is not None and type(text) is str:
+            try:
+                value = bytes.fromhex(text)
+            except ValueError:
+                pass
+            else:
+                if len(value) == alg.digest_size:
+                    return alg.name, value
+    # The general path: it accepts the other spellings and names what is wrong.
+    if not isinstance(d, dict) or set(d) != {"hashAlg", "digest"}:
+        raise _fail(position, f"digests[{i}]", "must be an object with hashAlg and digest")
+    try:
+        alg = by_name(str(d["hashAlg"]))
+        value = bytes.fromhex(str(d["digest"]))
+    except (AlgorithmError, ValueError) as e:
+        raise _fail(position, f"digests[{i}]", f"is invalid: {e}") from e
+    if len(value) != alg.digest_size:
+        raise _fail(
+            position,
+            f"digests[{i}]",
+            f"has {len(value)} bytes, {alg.name} needs {alg.digest_size}",
+        )
+    return alg.name, value
+
+
+def _fast_register(obj: dict[str, Any]) -> str | None:
+    """The register of a record that names it with its matching index; None: ask _register_of."""
+    register = obj.get("register")
+    if "pcr" in obj:
+        index = obj["pcr"]
+        if type(index) is int and 0 <= index < len(PCR_NAMES) and PCR_NAMES[index] == register:
+            return PCR_NAMES[index]
+        return None
+    index = obj.get("imr")
+    if type(index) is int and index in CC_INDEX_TO_NAME and "nv_index" not in obj:
+        name = CC_INDEX_TO_NAME[index]
+        return name if name == register else None
+    return None
+
+
+def _register_of(obj: dict[str, Any], position: int) -> str:
+    def fail(key: str, why: str) -> ParseError:
+        return _fail(position, key, why)
+
     register = obj.get("register")
     if register is not None:
         if not isinstance(register, str):
@@ -264,13 +320,151 @@ def _register_of(obj: dict[str, Any], fail: Any) -> str:
     return result
 
 
-def _b64(value: object, fail: Any, key: str) -> bytes:
+def _b64(value: object, position: int, key: str) -> bytes:
     if not isinstance(value, str):
-        raise fail(f"content.{key}", "must be a base64 string")
+        raise _fail(position, f"content.{key}", "must be a base64 string")
+    try:
+        # Strict mode accepts exactly the well-formed base64 that the check below accepts.
+        return binascii.a2b_base64(value, strict_mode=True)
+    except (binascii.Error, ValueError):
+        pass
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise fail(f"content.{key}", f"is not valid base64: {e}") from e
+        raise _fail(position, f"content.{key}", f"is not valid base64: {e}") from e
+
+
+# -- digests of logs and a memo of decoded logs ---------------------------------
+
+
+def canonical_bytes(records: Sequence[CELRecord]) -> bytes:
+    """Every field of every record, in one unambiguous encoding: equal bytes, equal logs.
+
+    A JSON array (orjson) of ``[recnum, register, content_type, [[alg, hex],
+    ...], content]``, the content ``[event_type, hex data, event_size]``
+    (``pcclient_std``), ``[template_name, hex data]`` (``ima_template``) or,
+    for any other record, its JSON with sorted keys as a string (NaN kept
+    apart from null). Raises TypeError or ValueError for content that is not
+    what a decoded record holds (data that is not ``bytes``, keys beyond the
+    record's form, values JSON cannot carry).
+    """
+    out: list[Any] = []
+    for r in records:
+        c = r.content
+        if r.content_type == PCCLIENT_STD:
+            data = c["event_data"]
+            if type(data) is not bytes or not _PCCLIENT_KEYS.issuperset(c):
+                raise TypeError(f"CEL record {r.recnum}: not a decoded record's content")
+            form: Any = [c["event_type"], data.hex(), c.get("event_size")]
+        elif r.content_type == IMA_TEMPLATE:
+            data = c["template_data"]
+            if type(data) is not bytes or len(c) != 2:
+                raise TypeError(f"CEL record {r.recnum}: not a decoded record's content")
+            form = [c["template_name"], data.hex()]
+        else:
+            form = json.dumps(c, sort_keys=True, separators=(",", ":"))
+        out.append(
+            [r.recnum, r.register, r.content_type, [[a, d.hex()] for a, d in r.digests], form]
+        )
+    return orjson.dumps(out)
+
+
+_PCCLIENT_KEYS = frozenset({"event_type", "event_data", "event_size"})
+
+
+def log_digest(records: Sequence[CELRecord]) -> bytes | None:
+    """SHA-256 of :func:`canonical_bytes` of ``records``: equal logs have equal digests.
+
+    Immediate the second time for a log that :data:`DECODED_LOGS` holds;
+    computed otherwise. None for records whose content is not what a decoded
+    record holds (made in memory).
+    """
+    known = DECODED_LOGS.digest_of(records)
+    if known is not None:
+        return known
+    return _digest(records)
+
+
+def _digest(records: Sequence[CELRecord]) -> bytes | None:
+    try:
+        return hashlib.sha256(canonical_bytes(records)).digest()
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return None
+
+
+class LogMemo:
+    """A bounded memo of decoded CEL logs, keyed by the SHA-256 of their JSON.
+
+    A verifier receives the same logs again and again (a node's boot log does
+    not change until it reboots, a fleet boots the same firmware and kernel):
+    :meth:`decode` returns the records decoded before for a byte-identical
+    JSON array (as the JSON parser gave it: ``key`` is its serialisation),
+    and decodes and keeps anything else. What it returns is shared between
+    callers and must not be changed. Only logs that decode are kept, so an
+    invalid log is refused with the decoder's error every time.
+
+    It also keeps the digest (:func:`log_digest`) of a log it holds once asked
+    for it, by the identity of the tuple it returned; a tuple it holds cannot
+    be garbage collected, so its identity cannot be reused while it is held.
+    """
+
+    def __init__(self, *, max_records: int = 20_000, max_log: int = 5_000) -> None:
+        # 20,000 records are some 10 to 20 MB: a few dozen boot logs and IMA lists.
+        self.max_records = max_records
+        self.max_log = max_log
+        self._logs: OrderedDict[bytes, tuple[CELRecord, ...]] = OrderedDict()
+        self._digests: dict[int, list[Any]] = {}  # id -> [records, digest or None]
+        self._records = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def decode(
+        self, key: bytes, count: int, decode: Callable[[], tuple[CELRecord, ...]]
+    ) -> tuple[CELRecord, ...]:
+        """The records of a log of ``count`` records whose JSON is ``key`` (else ``decode()``)."""
+        if count > self.max_log or count == 0:
+            return decode()
+        digest = hashlib.sha256(key).digest()
+        with self._lock:
+            hit = self._logs.get(digest)
+            if hit is not None:
+                self._logs.move_to_end(digest)
+                self.hits += 1
+                return hit
+        records = decode()
+        with self._lock:
+            self.misses += 1
+            if digest in self._logs:  # another thread decoded it meanwhile
+                return self._logs[digest]
+            self._logs[digest] = records
+            self._digests[id(records)] = [records, None]
+            self._records += len(records)
+            while self._records > self.max_records and self._logs:
+                _, old = self._logs.popitem(last=False)
+                self._digests.pop(id(old), None)
+                self._records -= len(old)
+        return records
+
+    def digest_of(self, records: Sequence[CELRecord]) -> bytes | None:
+        """The digest (:func:`log_digest`) of a log this memo holds (None for any other)."""
+        found = self._digests.get(id(records))
+        if found is None or found[0] is not records:
+            return None
+        if found[1] is None:
+            found[1] = _digest(records)
+        digest: bytes | None = found[1]
+        return digest
+
+    def clear(self) -> None:
+        with self._lock:
+            self._logs.clear()
+            self._digests.clear()
+            self._records = 0
+
+
+#: The process's memo of decoded logs (:meth:`cima.evidence.bundle.EvidenceBundle.from_json`).
+DECODED_LOGS = LogMemo()
 
 
 # -- conversion from native logs ------------------------------------------------
@@ -404,7 +598,11 @@ def to_ima_binary(records: Sequence[CELRecord]) -> bytes:
 
 
 __all__ = [
+    "DECODED_LOGS",
     "CELRecord",
+    "LogMemo",
+    "canonical_bytes",
+    "log_digest",
     "from_json",
     "from_measurements",
     "looks_like",

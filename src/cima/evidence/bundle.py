@@ -76,6 +76,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from cima.digests import by_name
 from cima.errors import (
     AlgorithmError,
@@ -84,7 +86,7 @@ from cima.errors import (
     RegisterError,
     UnsupportedFormatError,
 )
-from cima.eventlog.cel import CIMA, CELRecord
+from cima.eventlog.cel import CIMA, DECODED_LOGS, CELRecord
 from cima.evidence.batch import InclusionProof, verify_inclusion
 from cima.evidence.reportdata import (
     MAX_NONCE,
@@ -107,6 +109,7 @@ __all__ = [
     "TPMQuoteReport",
     "container_register",
     "container_register_values",
+    "loads",
     "node_binding",
     "utc_now",
 ]
@@ -136,6 +139,14 @@ _KEYS = (
 )
 _LOGS = ("boot", "ima", "runtime")
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
+def loads(text: str | bytes) -> Any:
+    """Parse JSON as bundles are read: strict UTF-8, no NaN or Infinity, integers of 64 bits.
+
+    Raises :class:`json.JSONDecodeError` (with the line, column and offset).
+    """
+    return orjson.loads(text)
 
 
 def node_binding(nonce: bytes, user_data: bytes) -> bytes:
@@ -437,7 +448,7 @@ class EvidenceBundle:
         if len(text) > MAX_BUNDLE_SIZE:
             raise ParseError(f"larger than {MAX_BUNDLE_SIZE} bytes", source=source)
         try:
-            doc = json.loads(text)
+            doc = loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ParseError(
                 f"not JSON: {e}", line=getattr(e, "lineno", None), source=source
@@ -445,12 +456,18 @@ class EvidenceBundle:
         except RecursionError:
             raise ParseError("JSON nested too deeply", source=source) from None
         try:
-            return cls.from_dict(doc)
+            return cls.from_dict(doc, parsed=True)
         except ParseError as e:
             raise (e.with_source(source) if source else e) from None
 
     @classmethod
-    def from_dict(cls, doc: object) -> EvidenceBundle:
+    def from_dict(cls, doc: object, *, parsed: bool = False) -> EvidenceBundle:
+        """Decode and validate a bundle's JSON document.
+
+        ``parsed``: ``doc`` is what :func:`loads` returned, unchanged; a boot or
+        IMA log byte-identical to one decoded before is then taken from
+        :data:`cima.eventlog.cel.DECODED_LOGS` instead of being decoded again.
+        """
         if not isinstance(doc, Mapping):
             raise ParseError("an evidence bundle is a JSON object")
         if "version" not in doc:
@@ -508,8 +525,8 @@ class EvidenceBundle:
             raise ParseError(f"report.type: a {platform} platform gives a tpm-quote")
         logs = _object(doc, "logs")
         _exact_keys(logs, _LOGS, "logs.")
-        boot_log = _records(logs, "boot", nullable=True)
-        ima_log = _records(logs, "ima", nullable=True)
+        boot_log = _records(logs, "boot", nullable=True, memo=parsed)
+        ima_log = _records(logs, "ima", nullable=True, memo=parsed)
         runtime_log = _records(logs, "runtime", nullable=False)
         assert runtime_log is not None
         return cls(
@@ -671,13 +688,23 @@ def _report(raw: object) -> Report:
     )
 
 
-def _records(logs: Mapping[str, Any], key: str, *, nullable: bool) -> tuple[CELRecord, ...] | None:
+def _records(
+    logs: Mapping[str, Any], key: str, *, nullable: bool, memo: bool = False
+) -> tuple[CELRecord, ...] | None:
     raw = logs[key]
     if raw is None and nullable:
         return None
     if not isinstance(raw, list):
         what = "an array or null" if nullable else "an array"
         raise ParseError(f"logs.{key}: must be {what}, not {_type(raw)}")
+    if memo:
+        # A value orjson parsed serialises back to one text per value (no NaN, no big
+        # integers, floats in their shortest form): equal texts, equal logs.
+        return DECODED_LOGS.decode(orjson.dumps(raw), len(raw), lambda: _decode_records(raw, key))
+    return _decode_records(raw, key)
+
+
+def _decode_records(raw: list[Any], key: str) -> tuple[CELRecord, ...]:
     out: list[CELRecord] = []
     for i, item in enumerate(raw):
         try:

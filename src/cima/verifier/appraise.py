@@ -48,6 +48,14 @@ RTMR0 and RTMR1), the reference values are the same, and the stored IMA
 register values at the end of the earlier prefix lead to the quoted values.
 Anything else starts over, and the result says why.
 
+What a boot log says by itself (its replay, the registers it extends, the
+kernel and boot applications it names, its events as references list them)
+is kept for the boot logs seen last, by the log's canonical digest
+(:data:`BOOT_FACTS`): a node sends the same boot log until it reboots. Only a
+byte-identical log is served from it, and every appraisal still compares the
+replay with the registers of its own quote and the events with the reference
+values.
+
 What the runtime journal's events are expected to carry (their ``data``):
 ``process``: ``exe_digest`` (``alg:hex``) and, with parameters, ``cmdline``
 (a list); ``agent``: ``code_digest``; ``policy``: ``policy_digest`` and
@@ -64,7 +72,9 @@ import difflib
 import hashlib
 import hmac
 import struct
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -83,7 +93,7 @@ from cima.errors import (
     SignatureError,
 )
 from cima.eventlog import uefi
-from cima.eventlog.cel import CIMA, IMA_TEMPLATE, PCCLIENT_STD, CELRecord
+from cima.eventlog.cel import CIMA, IMA_TEMPLATE, PCCLIENT_STD, CELRecord, log_digest
 from cima.eventlog.replay import Replayer
 from cima.evidence.bundle import EvidenceBundle, TDXQuoteReport, TPMQuoteReport
 from cima.registers import PCR_TO_TD, RegisterBank, sort_key
@@ -346,10 +356,15 @@ class EvidenceView:
 
 
 def _event_type(r: CELRecord) -> int:
+    """A boot event's type (-1 for a record of another kind: its content is not a boot event's)."""
+    if r.content_type != PCCLIENT_STD:
+        return -1
     return int(r.content.get("event_type", -1))
 
 
 def _event_data(r: CELRecord) -> bytes:
+    if r.content_type != PCCLIENT_STD:
+        return b""
     data = r.content.get("event_data", b"")
     return data if isinstance(data, bytes) else b""
 
@@ -464,6 +479,10 @@ def kernel_facts(view: EvidenceView) -> KernelFacts:
     an EFI application (systemd-boot, a UKI) with no GRUB record is the last
     boot services application.
     """
+    return _kernel_facts(view.boot_records)
+
+
+def _kernel_facts(records: Sequence[CELRecord]) -> KernelFacts:
     kernels: list[str] = []
     initrd_paths: list[str] = []
     images: list[Measured] = []
@@ -471,7 +490,7 @@ def kernel_facts(view: EvidenceView) -> KernelFacts:
     cmdlines: list[CommandLine] = []
     load_options: list[Measured] = []
     apps: list[Measured] = []
-    for i, r in enumerate(view.boot_records):
+    for i, r in enumerate(records):
         if r.content_type != PCCLIENT_STD:
             continue
         et = _event_type(r)
@@ -512,6 +531,118 @@ def kernel_facts(view: EvidenceView) -> KernelFacts:
     if not images and not kernels and apps and load_options:
         images.append(apps[-1])
     return KernelFacts(tuple(images), tuple(cmdlines), tuple(initrds), tuple(load_options))
+
+
+# -- what a boot log says by itself (memoised by the log's digest) ------------------------------
+
+
+@dataclass(slots=True)
+class BootFacts:
+    """What the appraisal derives from a boot log alone: a function of its records only.
+
+    Nothing here depends on the quote, the nonce or the reference values, so it
+    can be kept for a byte-identical boot log (:data:`BOOT_FACTS`, by the
+    log's canonical digest): the replayed values are still compared with the
+    quoted registers of every report, and the events with the reference values.
+    """
+
+    values: dict[tuple[str, str], bytes]
+    """The boot log's replay: (register, bank) -> value."""
+    replay_error: str | None
+    """Why the log cannot be replayed (``values`` is then empty)."""
+    touched: frozenset[str]
+    """The registers the log's events extend."""
+    kernel: KernelFacts
+    crtm_version: str | None
+    """The firmware version (EV_S_CRTM_VERSION), as shown."""
+    applications: tuple[tuple[int, int, str, str, tuple[str, bytes] | None], ...]
+    """Boot applications and drivers: (event, type, name, register, first digest)."""
+    event_keys: dict[str, tuple[tuple[Any, ...], ...]] = field(default_factory=dict)
+    """Each event as boot references list it, by the algorithm of their data digests."""
+
+    @classmethod
+    def of(cls, records: Sequence[CELRecord]) -> BootFacts:
+        values: dict[tuple[str, str], bytes] = {}
+        error = None
+        try:
+            values = {(v.register, v.algorithm): v.digest for v in _replay_boot(records)}
+        except (CimaError, KeyError, ValueError, TypeError) as e:
+            error = f"the boot log cannot be replayed: {e}"
+        touched = frozenset(
+            r.register for r in records if r.content_type == PCCLIENT_STD and r.extends
+        )
+        crtm: str | None = None
+        apps = []
+        for i, r in enumerate(records):
+            et = _event_type(r)
+            if et == _EV_S_CRTM_VERSION:
+                crtm = _ipl_text(_event_data(r)) or _event_data(r).hex()
+            elif et in _BOOT_APPS:
+                d = uefi.decode(et, _event_data(r))
+                name = str(d.get("device_path") or uefi.event_type_name(et))
+                apps.append((i, et, name, r.register, r.digests[0] if r.digests else None))
+        return cls(values, error, touched, _kernel_facts(records), crtm, tuple(apps))
+
+    def bank(self) -> RegisterBank:
+        """The replay as a register bank of its own."""
+        bank = RegisterBank()
+        for (reg, alg), value in self.values.items():
+            bank.set(reg, alg, value)
+        return bank
+
+    def keys(self, records: Sequence[CELRecord], algorithm: str) -> tuple[tuple[Any, ...], ...]:
+        """(register, type, sorted digests, (algorithm, digest of the data)) of each event."""
+        found = self.event_keys.get(algorithm)
+        if found is None:
+            found = tuple(
+                (
+                    r.register,
+                    _event_type(r),
+                    tuple(sorted(r.digests)),
+                    (algorithm, hashlib.new(algorithm, _event_data(r)).digest()),
+                )
+                for r in records
+            )
+            self.event_keys[algorithm] = found
+        return found
+
+
+class BootFactsMemo:
+    """The :class:`BootFacts` of the boot logs seen last, by canonical digest (bounded)."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._facts: OrderedDict[bytes, BootFacts] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def of(self, records: Sequence[CELRecord]) -> BootFacts:
+        digest = log_digest(records) if records else None
+        if digest is None:
+            return BootFacts.of(records)
+        with self._lock:
+            found = self._facts.get(digest)
+            if found is not None:
+                self._facts.move_to_end(digest)
+                self.hits += 1
+                return found
+        facts = BootFacts.of(records)
+        with self._lock:
+            self.misses += 1
+            self._facts[digest] = facts
+            while len(self._facts) > self.size:
+                self._facts.popitem(last=False)
+        return facts
+
+    def clear(self) -> None:
+        with self._lock:
+            self._facts.clear()
+
+
+#: The process's memo of boot facts: a node that attests again in the same boot sends the
+#: same boot log, and a fleet boots the same firmware and kernel.
+BOOT_FACTS = BootFactsMemo()
 
 
 # -- IMA entries (shared with reference creation) --------------------------------------------------
@@ -852,6 +983,7 @@ class _Appraisal:
         self.refs: CompiledReferences | None = None
         self.boot_bank = RegisterBank()
         self.boot_touched: set[str] = set()
+        self.boot_facts: BootFacts | None = None
         self.bad_registers: set[str] = set()
         self.state_used: AppraisalState | None = None
         self.state_form = "per-bank"
@@ -1085,22 +1217,12 @@ class _Appraisal:
     def step4_replay(self, view: EvidenceView) -> _IMAOutcome | None:
         quoted = view.quoted
         banks = sorted({alg for _, alg in quoted})
-        # The boot log.
-        try:
-            self.boot_bank = _replay_boot(view.boot_records)
-        except (CimaError, KeyError, ValueError, TypeError) as e:
-            self.fail(
-                "boot",
-                4,
-                "log-malformed",
-                f"the boot log cannot be replayed: {e}",
-                LogFormatError,
-                log="boot",
-            )
-            self.boot_bank = RegisterBank()
-        self.boot_touched = {
-            r.register for r in view.boot_records if r.content_type == PCCLIENT_STD and r.extends
-        }
+        # The boot log: its replay (kept for a byte-identical log), compared with this quote below.
+        facts = self.boot_facts = BOOT_FACTS.of(view.boot_records)
+        if facts.replay_error is not None:
+            self.fail("boot", 4, "log-malformed", facts.replay_error, LogFormatError, log="boot")
+        self.boot_bank = facts.bank()
+        self.boot_touched = set(facts.touched)
         # Where the IMA log is to be replayed from (an incremental appraisal skips what it saw).
         start, stored = self._ima_start(view, banks) if view.ima_records else (0, None)
         if start:
@@ -1612,17 +1734,8 @@ class _Appraisal:
     def _compare_boot_events(self, view: EvidenceView, config: CompiledBoot) -> None:
         records = view.boot_records
         ref = config.events
-        data_cache: dict[int, bytes] = {}
-
-        def key_of(i: int) -> tuple[Any, ...]:
-            r = records[i]
-            data = _event_data(r)
-            dalg = ref[0].data[0] if ref else "sha256"
-            h = hashlib.new(dalg, data).digest()
-            data_cache[i] = h
-            return (r.register, _event_type(r), tuple(sorted(r.digests)), (dalg, h))
-
-        mine = [key_of(i) for i in range(len(records))]
+        facts = self.boot_facts or BootFacts.of(records)
+        mine = list(facts.keys(records, ref[0].data[0] if ref else "sha256"))
         theirs = [(e.register, e.event_type, e.digests, e.data) for e in ref]
         if mine == theirs:
             return
@@ -1723,7 +1836,7 @@ class _Appraisal:
 
     # kernel -----------------------------------------------------------------------------------
     def _appraise_kernel(self, view: EvidenceView, refs: CompiledReferences) -> None:
-        facts = kernel_facts(view)
+        facts = self.boot_facts.kernel if self.boot_facts is not None else kernel_facts(view)
         self.kernel = facts
         sub = self.subs["kernel"]
         sub.details.update(
@@ -2338,34 +2451,30 @@ class _Appraisal:
         loader = env.add(
             Part("bootloader", "boot loader", self._regs_status(loader_regs, boot_status))
         )
-        for i, r in enumerate(view.boot_records):
-            et = _event_type(r)
-            if et == _EV_S_CRTM_VERSION:
-                fw.details["version"] = _ipl_text(_event_data(r)) or _event_data(r).hex()
-            elif et in _BOOT_APPS:
-                d = uefi.decode(et, _event_data(r))
-                name = str(d.get("device_path") or uefi.event_type_name(et))
-                digest = r.digests[0] if r.digests else None
-                part = Part(
-                    "boot-application" if et == _BOOT_APPS[0] else "driver",
-                    name,
-                    self.boot_failed_events.get(i, boot_status if boot_status != NONE else NONE),
-                    {"event": i, "register": r.register}
-                    | ({"digest": f"{digest[0]}:{digest[1].hex()}"} if digest else {}),
-                )
-                (loader if et == _BOOT_APPS[0] else fw).add(part)
-        facts = self.kernel
+        facts = self.boot_facts or BootFacts.of(view.boot_records)
+        if facts.crtm_version is not None:
+            fw.details["version"] = facts.crtm_version
+        for i, et, name, register, digest in facts.applications:
+            part = Part(
+                "boot-application" if et == _BOOT_APPS[0] else "driver",
+                name,
+                self.boot_failed_events.get(i, boot_status if boot_status != NONE else NONE),
+                {"event": i, "register": register}
+                | ({"digest": f"{digest[0]}:{digest[1].hex()}"} if digest else {}),
+            )
+            (loader if et == _BOOT_APPS[0] else fw).add(part)
+        kfacts = self.kernel
         kstatus = worst([subs["kernel"].status, self._regs_status(set(), NONE)])
-        kname = facts.images[0].name if facts.images else "kernel"
+        kname = kfacts.images[0].name if kfacts.images else "kernel"
         kpart = env.add(Part("kernel", kname, kstatus))
-        for m in facts.images:
+        for m in kfacts.images:
             kpart.details["digests"] = ", ".join(f"{a}:{d.hex()}" for a, d in m.digests)
             kpart.details["event"] = m.index
-        for c in facts.cmdlines:
+        for c in kfacts.cmdlines:
             kpart.add(
                 Part("cmdline", c.text, self._kernel_status("cmdline", c.index), {"event": c.index})
             )
-        for m in facts.initrds:
+        for m in kfacts.initrds:
             kpart.add(
                 Part(
                     "initrd",

@@ -47,17 +47,32 @@ node's appraisal state is kept in the store, tied to the report's signing key
 (a state written for another key is not used), and updated with optimistic
 concurrency: when two attestations of one node are appraised at once, the
 first to finish stores its state and the other only its result.
+
+Serving (``cima verifier serve``): an instance is one worker process per CPU
+by default, each with a listening socket of its own (:func:`listening_socket`,
+``SO_REUSEPORT``) and its own connections to the store, like instances of a
+cluster. In a worker, decoding and appraising run on the event loop (they
+hold the interpreter lock whatever thread runs them), and so does the store's
+short work unless ``ServiceConfig.threads`` moves it to threads. What a
+worker keeps between requests changes no result: parsed reference sets (by
+version and digest), decoded logs whose JSON is byte-identical to one seen
+(:data:`cima.eventlog.cel.DECODED_LOGS`) and what a boot log says by itself
+(:data:`cima.verifier.appraise.BOOT_FACTS`, by the log's digest; its replay
+is compared with the registers of every quote).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import gc
 import hashlib
 import json
 import logging
 import os
+import signal
 import socket
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -68,6 +83,7 @@ from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
+import orjson
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -80,10 +96,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cima.errors import CimaError, ParseError, UnsupportedFormatError
 from cima.evidence.bundle import EvidenceBundle, TDXQuoteReport, TPMQuoteReport
+from cima.evidence.bundle import loads as loads_json
 from cima.verifier.appraise import AppraisalState
 from cima.verifier.appraise import appraise as run_appraisal
 from cima.verifier.reference import ReferenceValues, load_references
 from cima.verifier.store import (
+    Attestation,
     Challenge,
     NonceError,
     NotFoundError,
@@ -98,6 +116,7 @@ from cima.verifier.store import (
 __all__ = [
     "DEFAULT_MAX_BODY",
     "DEFAULT_REFERENCE",
+    "DEFAULT_THREADS",
     "Appraisal",
     "ServiceConfig",
     "ServiceError",
@@ -112,6 +131,8 @@ T = TypeVar("T")
 
 #: The largest request body accepted by default (a bundle with a long IMA log is tens of MB).
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
+#: Threads per process for the store's work (0: on the event loop; see :class:`ServiceConfig`).
+DEFAULT_THREADS = 0
 #: The reference set an attestation is appraised against unless the request names one.
 DEFAULT_REFERENCE = "default"
 #: How many parsed reference sets an instance keeps.
@@ -254,8 +275,27 @@ class ServiceConfig:
     challenge_ttl: timedelta = timedelta(minutes=5)
     default_reference: str = DEFAULT_REFERENCE
     jwt_key: ec.EllipticCurvePrivateKey | None = None
-    threads: int = 4
-    """Threads for the blocking work of requests (database, cryptography, appraisal)."""
+    threads: int = DEFAULT_THREADS
+    """Threads for the store's work (0: on the event loop, the work running to completion).
+
+    Decoding and appraising hold the interpreter lock whatever thread runs them,
+    so they run on the event loop; the store's work (short: SQLite in WAL mode,
+    PostgreSQL in a few round trips) runs there too by default, which costs the
+    least CPU. Threads let a process go on with other requests while the
+    database answers, for a distant or slow database."""
+
+
+@dataclass(frozen=True, slots=True)
+class PendingAttestation:
+    """An attestation between the steps of :meth:`VerifierService.attest`."""
+
+    bundle: EvidenceBundle
+    key_id: str
+    reference: str
+    session: str | None
+    node: str | None
+    fallback_node: str
+    """The node when the challenge names none: the request's, else the signing key's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,7 +426,7 @@ class VerifierService:
 
         Steps:
         (1) decode the bundle (400 not JSON, 422 not a valid bundle);
-        (2) read, in one transaction: the challenge of the bundle's nonce, which must be
+        (2) read, in one statement: the challenge of the bundle's nonce, which must be
             issued by this cluster, unexpired and unused (403, 409); the reference set's
             latest version (404); the node (the challenge's, else the request's, else
             the signing key's) and its stored appraisal state;
@@ -398,12 +438,33 @@ class VerifierService:
             attestation of the node stored a newer one meanwhile.
         A request refused before (5) leaves its nonce usable.
         """
-        # (1) the bundle
+        pending = self.decode(body, session=session, node=node, reference=reference)
+        started = self.begin(pending)
+        done = self.appraise(pending, started)
+        return self.finish(pending, started, done)
+
+    # The steps of attest(), for a caller that runs the store's (2, 5) elsewhere than the
+    # appraisal's (1, 3, 4): the HTTP adapter runs the store's on a thread.
+    def decode(
+        self,
+        body: bytes,
+        *,
+        session: str | None = None,
+        node: str | None = None,
+        reference: str | None = None,
+    ) -> PendingAttestation:
+        """Step (1) of :meth:`attest`: the bundle and what names the node."""
         bundle = decode_bundle(body)
         if node is not None:
             _node(node)
         name = _name(reference or self.config.default_reference)
         key_id = signing_key_id(bundle)
+        fallback = node or f"key-{key_id.split(':', 1)[1][:32]}"
+        return PendingAttestation(bundle, key_id, name, session, node, fallback)
+
+    def begin(self, pending: PendingAttestation) -> tuple[Attestation, ReferenceValues]:
+        """Step (2) of :meth:`attest` (the store): the challenge, the references, the node."""
+        node = pending.node
 
         def node_of(challenge: Challenge) -> str:
             if challenge.node_id is not None and node is not None and node != challenge.node_id:
@@ -412,12 +473,16 @@ class VerifierService:
                     "node-mismatch",
                     f"the challenge was issued for node {challenge.node_id!r}, not {node!r}",
                 )
-            return challenge.node_id or node or f"key-{key_id.split(':', 1)[1][:32]}"
+            return challenge.node_id or pending.fallback_node
 
-        # (2) the challenge, the reference values, the node
+        name = pending.reference
         try:
             started = self.store.begin_attestation(
-                bundle.nonce, session=session, reference=name, node=node_of
+                pending.bundle.nonce,
+                session=pending.session,
+                reference=name,
+                node=node_of,
+                node_hint=pending.fallback_node,
             )
         except NonceError as e:
             raise _nonce_refused(e) from None
@@ -428,17 +493,31 @@ class VerifierService:
                 f"reference set {name!r}: not found (store it with PUT /v1/references/{name})",
             ) from None
         _, version, digest = started.reference
-        references = self._references(name, version, digest)
-        # (3) appraise
+        return started, self._references(name, version, digest)
+
+    def appraise(
+        self, pending: PendingAttestation, begun: tuple[Attestation, ReferenceValues]
+    ) -> tuple[Appraisal, str | None, datetime]:
+        """Steps (3) and (4) of :meth:`attest`: the appraisal and its token."""
+        started, references = begun
         stored = started.node
-        previous = stored.state if stored.key_id == key_id else None
+        previous = stored.state if stored.key_id == pending.key_id else None
         appraisal = self.appraiser(
-            bundle, references, nonce=started.challenge.nonce, state=previous
+            pending.bundle, references, nonce=started.challenge.nonce, state=previous
         )
         created = datetime.now(UTC)
-        # (4) the token
-        token = self._token(appraisal, stored.node_id, key_id, started.challenge, created)
-        # (5) consume the nonce, store
+        token = self._token(appraisal, stored.node_id, pending.key_id, started.challenge, created)
+        return appraisal, token, created
+
+    def finish(
+        self,
+        pending: PendingAttestation,
+        begun: tuple[Attestation, ReferenceValues],
+        done: tuple[Appraisal, str | None, datetime],
+    ) -> StoredResult:
+        """Step (5) of :meth:`attest` (the store): consume the nonce, store the result."""
+        started, _ = begun
+        appraisal, token, created = done
         try:
             result, saved = self.store.finish_attestation(
                 started,
@@ -446,13 +525,13 @@ class VerifierService:
                 document=appraisal.document,
                 token=token,
                 state=appraisal.state,
-                key_id=key_id,
+                key_id=pending.key_id,
                 created=created,
             )
         except NonceError as e:
             raise _nonce_refused(e) from None
         if appraisal.state is not None and not saved:
-            log.info("node %s: a newer appraisal state was stored meanwhile", stored.node_id)
+            log.info("node %s: a newer appraisal state was stored meanwhile", started.node.node_id)
         return result
 
     def _token(
@@ -504,13 +583,13 @@ def _nonce_refused(e: NonceError) -> ServiceError:
 def decode_bundle(body: bytes) -> EvidenceBundle:
     """A bundle from request bytes: 400 when not JSON, 422 when not a valid bundle."""
     try:
-        doc = json.loads(body)
+        doc = loads_json(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ServiceError(400, "bad-json", f"evidence bundle: not JSON: {e}") from None
     except RecursionError:
         raise ServiceError(400, "bad-json", "evidence bundle: JSON nested too deeply") from None
     try:
-        return EvidenceBundle.from_dict(doc)
+        return EvidenceBundle.from_dict(doc, parsed=True)
     except UnsupportedFormatError as e:
         raise ServiceError(422, "unsupported-version", str(e)) from None
     except ParseError as e:
@@ -621,6 +700,85 @@ def app_from_environment() -> FastAPI:
     )
     store = Store(str(settings["store"]), instance=f"{settings['instance']}/{os.getpid()}")
     return create_app(VerifierService(store, config), close_store=True)
+
+
+def listening_socket(
+    host: str, port: int, *, listen: bool = True, reuse_port: bool = False
+) -> socket.socket:
+    """A TCP socket bound to ``host:port``, listening unless ``listen`` is false.
+
+    Its connections are set ``TCP_NODELAY`` (a response written in two parts,
+    headers then body, is otherwise held back by Nagle's algorithm until the
+    client's delayed ACK, some 40 ms). ``reuse_port`` (``SO_REUSEPORT``, Linux):
+    the worker processes of one instance each listen on a socket of their own
+    and the kernel spreads new connections over them evenly (on one shared
+    socket, whichever worker wakes first takes a whole burst of connections,
+    and keep-alive connections stay where they were accepted).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets that say they are TCP.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        if listen:
+            sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def tune_gc(young: int = 20_000) -> None:
+    """Garbage collection for a server process, once it has started.
+
+    What start-up made (modules, the application, the store) lives as long
+    as the process: frozen, the collector no longer walks it. Each request
+    makes thousands of short-lived objects (the bundle's JSON, the result
+    document), and a collection of the young generation every ``young``
+    allocations instead of every 700 keeps the collector's cost low.
+    """
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(young, older, oldest)
+
+
+def serve_worker(
+    host: str, port: int, options: dict[str, Any], ready: Any, parent: int | None = None
+) -> None:
+    """One worker process of ``cima verifier serve --workers N`` on Linux.
+
+    It opens the store and builds the app from the settings in the
+    environment (:func:`app_from_environment`), listens on a socket of its own
+    (:func:`listening_socket`), sets ``ready`` and serves until told to stop
+    (SIGTERM, SIGINT) or its parent, the instance's process (``parent``, its
+    pid), is gone.
+    """
+    import uvicorn
+
+    try:
+        sock = listening_socket(host, port, reuse_port=True)
+        config = uvicorn.Config(app_from_environment(), **options)
+        config.load()
+    except (CimaError, OSError, ValueError) as e:
+        sys.stderr.write(f"cima verifier worker {os.getpid()}: {e}\n")
+        raise SystemExit(3) from None
+    if parent is None:
+        parent = os.getppid()
+
+    def orphaned() -> None:  # the instance's process is gone (killed): stop serving
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=orphaned, name="cima-parent-watch", daemon=True).start()
+    tune_gc()
+    ready.set()
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 def instance_name() -> str:
@@ -760,14 +918,21 @@ def create_app(service: VerifierService | None, *, close_store: bool = False) ->
 
     limiter: list[anyio.CapacityLimiter] = []
 
-    async def blocking(fn: Callable[[], T]) -> T:
-        """Run ``fn`` (database, cryptography, appraisal) on one of the service's threads.
+    threads = service.config.threads if service is not None else 0
 
-        A few threads: the work holds the GIL most of the time, and more threads
-        than cores only add switching (``ServiceConfig.threads``).
+    async def blocking(fn: Callable[[], T]) -> T:
+        """Run ``fn``, the store's work, where ``ServiceConfig.threads`` says.
+
+        0: here, on the event loop, to completion (a worker process serves one
+        request's store work at a time, as a synchronous server would; the
+        other workers serve meanwhile). N: on one of N threads, while the loop
+        goes on; each handing over of the interpreter lock between the loop and
+        a thread costs more CPU than the short work of the store it hands over.
         """
+        if threads <= 0:
+            return fn()
         if not limiter:
-            limiter.append(anyio.CapacityLimiter(service.config.threads if service else 1))
+            limiter.append(anyio.CapacityLimiter(threads))
         return await anyio.to_thread.run_sync(fn, limiter=limiter[0])
 
     def svc() -> VerifierService:
@@ -780,16 +945,16 @@ def create_app(service: VerifierService | None, *, close_store: bool = False) ->
 
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, e: ServiceError) -> JSONResponse:
-        return JSONResponse({"detail": str(e), "error": e.code}, status_code=e.status)
+        return _JSON({"detail": str(e), "error": e.code}, status_code=e.status)
 
     @app.exception_handler(NotFoundError)
     async def _not_found(_request: Request, e: NotFoundError) -> JSONResponse:
-        return JSONResponse({"detail": str(e), "error": "not-found"}, status_code=404)
+        return _JSON({"detail": str(e), "error": "not-found"}, status_code=404)
 
     @app.exception_handler(StoreError)
     async def _store_error(_request: Request, e: StoreError) -> JSONResponse:
         log.error("store: %s", e)
-        return JSONResponse({"detail": str(e), "error": "store-unavailable"}, status_code=503)
+        return _JSON({"detail": str(e), "error": "store-unavailable"}, status_code=503)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
@@ -798,7 +963,7 @@ def create_app(service: VerifierService | None, *, close_store: bool = False) ->
             where = ".".join(str(x) for x in item.get("loc", ()) if x != "body")
             msg = "unknown field" if item.get("type") == "extra_forbidden" else item.get("msg")
             parts.append(f"{where}: {msg}" if where else str(msg))
-        return JSONResponse(
+        return _JSON(
             {"detail": "; ".join(parts) or "invalid request", "error": "invalid-request"},
             status_code=422,
         )
@@ -818,9 +983,7 @@ def create_app(service: VerifierService | None, *, close_store: bool = False) ->
         """The instance is up and its store answers."""
         s = svc()
         version = await blocking(s.store.schema_version)
-        return JSONResponse(
-            {"status": "ok", "instance": s.store.instance, "schema_version": version}
-        )
+        return _JSON({"status": "ok", "instance": s.store.instance, "schema_version": version})
 
     @app.post(
         "/v1/challenge",
@@ -832,7 +995,7 @@ def create_app(service: VerifierService | None, *, close_store: bool = False) ->
         """A fresh nonce for one attestation, usable once at any instance until it expires."""
         node_id = None if body is None else body.node_id
         made = await blocking(lambda: svc().challenge(node_id))
-        return JSONResponse(made.to_dict())
+        return _JSON(made.to_dict())
 
     @app.post(
         "/v1/attest",
@@ -864,10 +1027,14 @@ def create_app(service: VerifierService | None, *, close_store: bool = False) ->
         """Appraise an evidence bundle; the result is stored and returned."""
         _json_only(request.headers.get("content-type"))
         body = await read_body(request)
-        stored = await blocking(
-            lambda: svc().attest(body, session=session, node=node, reference=reference)
-        )
-        return JSONResponse(stored.to_dict())
+        s = svc()
+        # Decoding and appraising hold the interpreter whatever thread runs them: they run
+        # here; the store's steps, which wait on the database, where `blocking` runs them.
+        pending = s.decode(body, session=session, node=node, reference=reference)
+        begun = await blocking(lambda: s.begin(pending))
+        done = s.appraise(pending, begun)
+        stored = await blocking(lambda: s.finish(pending, begun, done))
+        return _JSON(stored.to_dict())
 
     @app.put(
         "/v1/references/{name}",
@@ -892,13 +1059,13 @@ def create_app(service: VerifierService | None, *, close_store: bool = False) ->
         body = await read_body(request)
         media_type = request.headers.get("content-type")
         record, new = await blocking(lambda: svc().put_reference(name, body, media_type))
-        return JSONResponse(record.to_dict(with_document=False), status_code=201 if new else 200)
+        return _JSON(record.to_dict(with_document=False), status_code=201 if new else 200)
 
     @app.get("/v1/references", response_model=ReferenceList, responses=errors, tags=["references"])
     async def list_references() -> JSONResponse:
         """The latest version of every reference set (without documents)."""
         found = await blocking(svc().store.list_references)
-        return JSONResponse({"references": [r.to_dict(with_document=False) for r in found]})
+        return _JSON({"references": [r.to_dict(with_document=False) for r in found]})
 
     @app.get(
         "/v1/references/{name}", response_model=Reference, responses=errors, tags=["references"]
@@ -909,7 +1076,7 @@ def create_app(service: VerifierService | None, *, close_store: bool = False) ->
     ) -> JSONResponse:
         """One version of a reference set, with its document."""
         record = await blocking(lambda: svc().get_reference(name, version))
-        return JSONResponse(record.to_dict())
+        return _JSON(record.to_dict())
 
     @app.get("/v1/results", response_model=ResultList, responses=errors, tags=["results"])
     async def results(
@@ -921,7 +1088,7 @@ def create_app(service: VerifierService | None, *, close_store: bool = False) ->
     ) -> JSONResponse:
         """Stored results, newest first."""
         found = await blocking(lambda: svc().results(node, limit=limit, before=before))
-        return JSONResponse({"results": [r.to_dict() for r in found]})
+        return _JSON({"results": [r.to_dict() for r in found]})
 
     @app.get(
         "/v1/results/{result_id}",
@@ -932,7 +1099,7 @@ def create_app(service: VerifierService | None, *, close_store: bool = False) ->
     async def result(result_id: int = PathParam(ge=1)) -> JSONResponse:
         """One stored result."""
         found = await blocking(lambda: svc().result(result_id))
-        return JSONResponse(found.to_dict())
+        return _JSON(found.to_dict())
 
     @app.get(
         "/v1/nodes/{node}/results/latest",
@@ -943,13 +1110,13 @@ def create_app(service: VerifierService | None, *, close_store: bool = False) ->
     async def latest(node: str = PathParam(max_length=253)) -> JSONResponse:
         """A node's newest result."""
         found = await blocking(lambda: svc().latest(node))
-        return JSONResponse(found.to_dict())
+        return _JSON(found.to_dict())
 
     @app.get("/v1/keys", response_model=KeySet, tags=["results"])
     async def keys() -> JSONResponse:
         """The key that signs result tokens, as a JSON Web Key Set (empty without a key)."""
         signer = svc().signer
-        return JSONResponse({"keys": [] if signer is None else [signer.jwk]})
+        return _JSON({"keys": [] if signer is None else [signer.jwk]})
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -966,6 +1133,16 @@ def create_app(service: VerifierService | None, *, close_store: bool = False) ->
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(_BodyCap, cap=limit)
     return app
+
+
+class _JSON(JSONResponse):
+    """A JSON response encoded with orjson (compact UTF-8, as JSONResponse writes it)."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return orjson.dumps(content)
+        except TypeError:  # something orjson does not take (an integer over 64 bits)
+            return super().render(content)
 
 
 class _BodyCap:

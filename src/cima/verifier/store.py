@@ -25,11 +25,13 @@ Tables (schema version :data:`SCHEMA_VERSION`, created on first use):
     the database serialises concurrent attempts, so exactly one wins. Unknown,
     expired and already consumed nonces are refused with :class:`NonceError`
     (its ``reason`` says which). An attestation reads what it needs in one
-    transaction (:meth:`Store.begin_attestation`: the challenge, the reference
-    set's version, the node's state) and, after the appraisal, consumes the
-    nonce and stores its result and the node's new state in another
-    (:meth:`Store.finish_attestation`): of two attestations with one nonce,
-    the one that commits first wins and the other stores nothing.
+    statement (:meth:`Store.begin_attestation`: the challenge, the reference
+    set's latest version, the node's state) and, after the appraisal, consumes
+    the nonce and stores its result and the node's new state in one
+    transaction (:meth:`Store.finish_attestation`; on PostgreSQL one statement,
+    the nonce's UPDATE a data-modifying CTE that the other writes depend on):
+    of two attestations with one nonce, the one that commits first wins and
+    the other stores nothing.
 ``cima_results``
     attestation results: node id, time, status, the result document, the
     signed token (JWT) when the service signs results, the reference set
@@ -39,6 +41,8 @@ Tables (schema version :data:`SCHEMA_VERSION`, created on first use):
     the incremental appraisal state of each node (a JSON object), with a
     version counter for optimistic concurrency: a writer names the version it
     read, and :class:`StaleStateError` tells it another instance wrote first.
+    An attestation that leaves the state as it was read (a node that attests
+    again with nothing new) does not write it.
 
 Times are stored in UTC (timezone-aware in PostgreSQL, naive UTC in SQLite)
 and compared with the clock of the instance that asks, so the instances of a
@@ -46,30 +50,45 @@ cluster need synchronised clocks (NTP), as every nonce-based protocol does.
 
 SQLite is opened in WAL mode with foreign keys on, a 30 s busy timeout, and
 write transactions begun with ``BEGIN IMMEDIATE`` so that concurrent writers
-queue instead of failing on a lock upgrade; the writers of one process queue
-on a lock of their own first. Commits are synchronous (``synchronous=FULL``:
-a consumed nonce survives a power cut); ``sqlite:///FILE?synchronous=normal``
-trades that for speed (a commit then survives a crash of the process, not of
-the machine: after a power cut the last nonces consumed could be accepted
-again until they expire).
+queue instead of failing on a lock upgrade; the writers of one store queue on
+a lock of their own first (a thread lock, then an exclusive ``flock`` of
+``FILE-writer.lock`` beside the database, which the kernel hands to the next
+process at once, where SQLite's busy handler would make it sleep and poll), so
+the worker processes of one instance share one SQLite file without waiting on
+each other more than their writes take. Commits are synchronous
+(``synchronous=FULL``: a consumed nonce survives a power cut);
+``sqlite:///FILE?synchronous=normal`` trades that for speed (a commit then
+survives a crash of the process, not of the machine: after a power cut the
+last nonces consumed could be accepted again until they expire).
+
+PostgreSQL runs a statement that stands alone (a challenge's INSERT, the
+attestation's read) in autocommit, one round trip; a pooled connection is
+tested before use only when it has been idle for a while (a busy pool uses its
+connections without an extra round trip), and a server that does not accept a
+connection fails it after ``connect_timeout`` (10 s unless the URL says).
+JSON columns are written and read with orjson.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+import orjson
 from sqlalchemy import (
     JSON,
     BigInteger,
+    BindParameter,
     Column,
     Connection,
     DateTime,
@@ -96,7 +115,13 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    DisconnectionError,
+    IntegrityError,
+    NoSuchModuleError,
+)
 
 from cima.errors import CimaError
 
@@ -178,6 +203,22 @@ def check_name(name: str) -> str:
             "a letter or digit"
         )
     return name
+
+
+def _json_dumps(document: Any) -> str:
+    """A JSON column's text (orjson; json for what orjson does not take, an int over 64 bits)."""
+    try:
+        return orjson.dumps(document, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        return json.dumps(document)
+
+
+def _json_loads(text: str | bytes) -> Any:
+    """A JSON column's value (orjson; json for what orjson refuses, NaN or big integers)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
 
 
 def canonical_json(document: Any) -> bytes:
@@ -323,7 +364,92 @@ _INSERT_STATE = {
     .execution_options(preserve_rowcount=True),
 }
 _INSERT_RESULT = results_table.insert()
-del _c
+_s = node_state_table.c
+_r = references_table.c
+# The challenge, the reference set's latest version and the node's state, in one statement.
+_BEGIN_ATTESTATION = (
+    select(
+        challenges_table,
+        select(_r.version)
+        .where(_r.name == bindparam("p_name"))
+        .order_by(_r.version.desc())
+        .limit(1)
+        .scalar_subquery()
+        .label("ref_version"),
+        select(_r.digest)
+        .where(_r.name == bindparam("p_name"))
+        .order_by(_r.version.desc())
+        .limit(1)
+        .scalar_subquery()
+        .label("ref_digest"),
+        _s.node_id.label("state_node"),
+        _s.version.label("state_version"),
+        _s.state,
+        _s.key_id,
+    )
+    .select_from(
+        challenges_table.outerjoin(
+            node_state_table,
+            _s.node_id == func.coalesce(_c.node_id, bindparam("p_node", type_=String())),
+        )
+    )
+    .where(_c.nonce == bindparam("p_nonce"))
+)
+del _c, _s, _r
+
+
+_PG_FINISH = """
+WITH consumed AS (
+    UPDATE cima_challenges SET consumed_at = :p_when, consumed_by = :p_by
+    WHERE nonce = :p_nonce AND session = :p_session
+        AND consumed_at IS NULL AND expires > :p_when
+    RETURNING nonce
+){state}
+INSERT INTO cima_results (node_id, created, status, session, reference_name,
+    reference_version, instance, key_id, document, token)
+SELECT :p_node, :p_created, :p_status, :p_session, :p_ref_name, :p_ref_version, :p_by,
+    :p_key, :p_document, :p_token
+FROM consumed
+RETURNING id, {saved} AS saved
+"""
+_PG_STATE = {
+    "none": "",
+    "update": """, saved AS (
+    UPDATE cima_node_state
+    SET version = :p_new_version, key_id = :p_key, updated = :p_created, state = :p_state
+    WHERE node_id = :p_node AND version = :p_version AND EXISTS (SELECT 1 FROM consumed)
+    RETURNING 1
+)""",
+    "insert": """, saved AS (
+    INSERT INTO cima_node_state (node_id, version, key_id, updated, state)
+    SELECT :p_node, 1, :p_key, :p_created, :p_state WHERE EXISTS (SELECT 1 FROM consumed)
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)""",
+}
+_PG_FINISH_STATEMENTS: dict[str, Any] = {}
+
+
+def _pg_finish_statement(mode: str) -> Any:
+    """finish_attestation as one PostgreSQL statement; ``mode``: none, insert or update state."""
+    found = _PG_FINISH_STATEMENTS.get(mode)
+    if found is None:
+        binds: list[BindParameter[Any]] = [
+            bindparam("p_when", type_=UTCDateTime()),
+            bindparam("p_created", type_=UTCDateTime()),
+            bindparam("p_document", type_=_JSON),
+            bindparam("p_ref_version", type_=Integer()),
+        ]
+        if mode != "none":
+            binds.append(bindparam("p_state", type_=_JSON))
+        found = text(
+            _PG_FINISH.format(
+                state=_PG_STATE[mode],
+                saved="0" if mode == "none" else "(SELECT count(*) FROM saved)",
+            )
+        ).bindparams(*binds)
+        _PG_FINISH_STATEMENTS[mode] = found
+    return found
 
 
 # -- records -----------------------------------------------------------------------------------
@@ -467,7 +593,12 @@ class Store:
         self.url = parsed.render_as_string(hide_password=True)
         self.instance = instance or f"verifier-{secrets.token_hex(4)}"
         self.dialect = parsed.get_backend_name()
-        kwargs: dict[str, Any] = {"echo": echo, "future": True}
+        kwargs: dict[str, Any] = {
+            "echo": echo,
+            "future": True,
+            "json_serializer": _json_dumps,
+            "json_deserializer": _json_loads,
+        }
         if self.dialect == "sqlite":
             database = parsed.database or ""
             if database in ("", ":memory:") or database.startswith("file::memory:"):
@@ -487,7 +618,10 @@ class Store:
         elif self.dialect == "postgresql":
             kwargs["pool_size"] = pool_size
             kwargs["max_overflow"] = pool_size
-            kwargs["pool_pre_ping"] = True
+            if "connect_timeout" not in parsed.query:
+                # A server that does not answer fails a request in seconds, not when TCP
+                # gives up (the service may run the store's work on its event loop).
+                kwargs["connect_args"] = {"connect_timeout": _CONNECT_TIMEOUT}
         else:
             raise StoreError(
                 f"store URL {self.url}: supported are sqlite:///FILE and "
@@ -500,10 +634,16 @@ class Store:
                 f"store URL {self.url}: its database driver is not installed ({e}); for "
                 "PostgreSQL install cima[postgresql]"
             ) from e
-        self._write_lock: threading.Lock | None = None
+        self._write_lock: _WriterLock | None = None
+        # Statements that stand alone (one INSERT, one SELECT) need no transaction of
+        # their own: PostgreSQL runs them in autocommit, one round trip each.
+        self._single: Engine = self._engine
         if self.dialect == "sqlite":
             _configure_sqlite(self._engine, synchronous.upper())
-            self._write_lock = threading.Lock()
+            self._write_lock = _WriterLock(database)
+        else:
+            _ping_idle_connections(self._engine)
+            self._single = self._engine.execution_options(isolation_level="AUTOCOMMIT")
         try:
             self._create_schema()
         except DBAPIError as e:
@@ -520,6 +660,8 @@ class Store:
     def close(self) -> None:
         """Close every pooled connection."""
         self._engine.dispose()
+        if self._write_lock is not None:
+            self._write_lock.close()
 
     def __enter__(self) -> Store:
         return self
@@ -529,11 +671,26 @@ class Store:
 
     # -- transactions ------------------------------------------------------------------------
     @contextmanager
-    def _tx(self, *, write: bool = False) -> Iterator[Connection]:
+    def _tx(self, *, write: bool = False, single: bool = False) -> Iterator[Connection]:
+        """A connection in a transaction (``single``: for one statement, which is atomic).
+
+        ``single`` runs the statement in autocommit where that saves round trips
+        (PostgreSQL); SQLite, in process, runs it in a transaction as any other.
+        """
+        if single and self._single is not self._engine:
+            try:
+                with self._single.connect() as conn:
+                    yield conn
+            except DBAPIError as e:
+                if isinstance(e, IntegrityError):
+                    raise
+                raise StoreError(f"store {self.url}: {_db_reason(e)}") from e
+            return
         # SQLite has one writer at a time; a writer that finds the lock taken sleeps in
-        # the busy handler (up to 100 ms a turn) instead of being woken, so this
-        # process's writers queue on a lock of their own and only other processes
-        # ever meet SQLite's lock.
+        # the busy handler (up to 100 ms a turn) instead of being woken, so writers
+        # queue on a lock of their own first (_WriterLock: this process's threads, then
+        # the processes of this store), and meet SQLite's lock only when another
+        # program writes.
         lock = self._write_lock if write and self._write_lock is not None else nullcontext()
         try:
             with lock, self._engine.connect() as conn:
@@ -715,7 +872,7 @@ class Store:
             created=created,
             expires=created + ttl,
         )
-        with self._tx(write=True) as conn:
+        with self._tx(write=True, single=True) as conn:
             conn.execute(
                 _INSERT_CHALLENGE,
                 {
@@ -784,10 +941,15 @@ class Store:
         session: str | None,
         reference: str,
         node: Callable[[Challenge], str],
+        node_hint: str | None = None,
         now: datetime | None = None,
     ) -> Attestation:
         """Everything an appraisal needs, in one read: the challenge, the reference set's
         latest version and the node's state (``node`` names the node from the challenge).
+
+        One statement reads them all when the node is the challenge's, or else
+        ``node_hint`` (what ``node`` gives for a challenge that names no node);
+        another node's state takes one more.
 
         Raises :class:`NonceError` for a nonce that could not be consumed now,
         :class:`NotFoundError` without reference set ``reference``. Nothing is
@@ -795,19 +957,41 @@ class Store:
         """
         when = now or utc_now()
         check_name(reference)
-        with self._tx() as conn:
-            challenge = self._check(conn, bytes(nonce), session, when)
-            head = conn.execute(_REFERENCE_HEAD, {"p_name": reference}).first()
-            if head is None:
+        key = bytes(nonce).hex()
+        with self._tx(single=True) as conn:
+            row = conn.execute(
+                _BEGIN_ATTESTATION,
+                {"p_nonce": key, "p_name": reference, "p_node": node_hint},
+            ).first()
+            found = None if row is None else _challenge(row)
+            if (
+                found is None
+                or found.consumed_at is not None
+                or found.expires <= when
+                or (session is not None and found.session != session)
+            ):
+                _refuse(key, found, session, when)
+            assert found is not None and row is not None
+            if row.ref_version is None:
                 raise NotFoundError(f"reference set {reference!r}: not found")
-            node_id = check_node_id(node(challenge))
-            row = conn.execute(_SELECT_STATE, {"p_node": node_id}).first()
+            node_id = check_node_id(node(found))
+            version, digest = int(row.ref_version), str(row.ref_digest)
+            guessed = found.node_id if found.node_id is not None else node_hint
+            if node_id == guessed:
+                state_row = None if row.state_version is None else row
+            else:  # not the node the statement read: read its state
+                state_row = conn.execute(_SELECT_STATE, {"p_node": node_id}).first()
         state = (
             NodeState(node_id, 0, None, None)
-            if row is None
-            else NodeState(node_id, int(row.version), dict(row.state), row.key_id)
+            if state_row is None
+            else NodeState(
+                node_id,
+                int(state_row.state_version if node_id == guessed else state_row.version),
+                dict(state_row.state),
+                state_row.key_id,
+            )
         )
-        return Attestation(challenge, when, (reference, int(head.version), str(head.digest)), state)
+        return Attestation(found, when, (reference, version, digest), state)
 
     def finish_attestation(
         self,
@@ -828,8 +1012,10 @@ class Store:
         nonce, one commits and the other raises :class:`NonceError` with
         nothing stored. The node's state is replaced only if it is still the
         version read by :meth:`begin_attestation` (else another attestation
-        of the node stored a newer one, which is kept). Returns the stored
-        result and whether the state was stored.
+        of the node stored a newer one, which is kept), and not written at all
+        when it is the state read (a node that attests again with nothing new).
+        Returns the stored result and whether the state was stored (or was
+        already).
         """
         challenge = attestation.challenge
         node = attestation.node
@@ -838,30 +1024,27 @@ class Store:
         if reference_version is not None:
             version = reference_version
         doc = dict(document)
-        saved = False
+        unchanged = (
+            state is not None and node.version > 0 and node.key_id == key_id and node.state == state
+        )
+        row = {
+            "node_id": node.node_id,
+            "created": when,
+            "status": status,
+            "session": challenge.session,
+            "reference_name": name,
+            "reference_version": version,
+            "instance": self.instance,
+            "key_id": key_id,
+            "document": doc,
+            "token": token,
+        }
+        write = self._finish_in_one_statement if self.dialect == "postgresql" else self._finish
         try:
-            with self._tx(write=True) as conn:
-                self._consume(conn, challenge.nonce, challenge.session, attestation.started)
-                if state is not None:
-                    saved = self._try_state(conn, node, dict(state), key_id, when)
-                inserted = conn.execute(
-                    _INSERT_RESULT,
-                    {
-                        "node_id": node.node_id,
-                        "created": when,
-                        "status": status,
-                        "session": challenge.session,
-                        "reference_name": name,
-                        "reference_version": version,
-                        "instance": self.instance,
-                        "key_id": key_id,
-                        "document": doc,
-                        "token": token,
-                    },
-                )
-                key = inserted.inserted_primary_key
-                assert key is not None
-                result_id = int(key[0])
+            result_id, saved = write(
+                attestation, row, None if state is None or unchanged else dict(state)
+            )
+            saved = saved or unchanged
         except IntegrityError as e:
             raise NotFoundError(
                 f"reference set {name!r} version {version}: not found ({_db_reason(e)})"
@@ -879,6 +1062,66 @@ class Store:
             key_id,
         )
         return stored, saved
+
+    def _finish(
+        self, attestation: Attestation, row: dict[str, Any], state: dict[str, Any] | None
+    ) -> tuple[int, bool]:
+        """finish_attestation's writes in one transaction: consume, state, result (SQLite)."""
+        challenge = attestation.challenge
+        saved = False
+        with self._tx(write=True) as conn:
+            self._consume(conn, challenge.nonce, challenge.session, attestation.started)
+            if state is not None:
+                saved = self._try_state(
+                    conn, attestation.node, state, row["key_id"], row["created"]
+                )
+            key = conn.execute(_INSERT_RESULT, row).inserted_primary_key
+            assert key is not None
+            return int(key[0]), saved
+
+    def _finish_in_one_statement(
+        self, attestation: Attestation, result: dict[str, Any], state: dict[str, Any] | None
+    ) -> tuple[int, bool]:
+        """finish_attestation's writes as one statement, one round trip (PostgreSQL).
+
+        The nonce's UPDATE is a data-modifying CTE; the state's write and the
+        result's INSERT happen only if it consumed the nonce. A statement is
+        atomic, so it needs no transaction of its own.
+        """
+        challenge = attestation.challenge
+        node = attestation.node
+        mode = "none" if state is None else ("insert" if node.version == 0 else "update")
+        params: dict[str, Any] = {
+            "p_nonce": challenge.nonce.hex(),
+            "p_session": challenge.session,
+            "p_when": attestation.started,
+            "p_by": self.instance,
+            "p_node": node.node_id,
+            "p_created": result["created"],
+            "p_status": result["status"],
+            "p_ref_name": result["reference_name"],
+            "p_ref_version": result["reference_version"],
+            "p_key": result["key_id"],
+            "p_document": result["document"],
+            "p_token": result["token"],
+        }
+        if state is not None:
+            params["p_state"] = state
+            params["p_version"] = node.version
+            params["p_new_version"] = node.version + 1
+        with self._tx(write=True, single=True) as conn:
+            row = conn.execute(_pg_finish_statement(mode), params).first()
+            if row is None:  # the nonce was not consumed: say why
+                key = challenge.nonce.hex()
+                found = conn.execute(_SELECT_CHALLENGE, {"p_nonce": key}).first()
+                _refuse(
+                    key,
+                    None if found is None else _challenge(found),
+                    challenge.session,
+                    attestation.started,
+                )
+            assert row is not None
+            return int(row.id), bool(row.saved)
 
     def _try_state(
         self,
@@ -1139,6 +1382,83 @@ def _result(r: Any) -> StoredResult:
 
 def _db_reason(e: DBAPIError) -> str:
     return " ".join(str(e.orig).split()) if e.orig is not None else str(e)
+
+
+#: Seconds to wait for a PostgreSQL server to accept a connection (unless the URL says).
+_CONNECT_TIMEOUT = 10
+
+#: A pooled connection idle for longer than this is tested before use (the server may have
+#: closed it, or restarted); a busy pool uses its connections without a round trip.
+_PING_IDLE_AFTER = 10.0
+
+
+def _ping_idle_connections(engine: Engine) -> None:
+    """Test a pooled connection that has been idle before handing it out (else none)."""
+
+    @event.listens_for(engine, "checkin")
+    def _checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info["cima_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("cima_idle_since")
+        if since is None or time.monotonic() - since < _PING_IDLE_AFTER:
+            return
+        try:
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute("SELECT 1")
+            finally:
+                cursor.close()
+            dbapi_connection.rollback()
+        except Exception as e:  # any failure: the pool drops it and connects again
+            raise DisconnectionError(f"a pooled connection does not answer: {e}") from e
+
+
+class _WriterLock:
+    """The writers of one SQLite store, queued: this process's threads, then its processes.
+
+    A thread lock, then an exclusive ``flock`` of ``FILE-writer.lock`` beside the
+    database, which the kernel hands to the next waiting process as soon as it is
+    released (SQLite's own lock makes a waiting writer sleep and poll). Where
+    ``flock`` is missing, the thread lock alone.
+    """
+
+    def __init__(self, database: str) -> None:
+        self._thread_lock = threading.Lock()
+        self._fd: int | None = None
+        try:
+            import fcntl  # noqa: F401 - POSIX only
+
+            self._fd = os.open(f"{database}-writer.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except (ImportError, OSError):
+            self._fd = None
+
+    def __enter__(self) -> None:
+        self._thread_lock.acquire()
+        if self._fd is not None:
+            import fcntl
+
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            except BaseException:
+                self._thread_lock.release()
+                raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._fd is not None:
+                import fcntl
+
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+    def close(self) -> None:
+        with self._thread_lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 def _configure_sqlite(engine: Engine, synchronous: str) -> None:
