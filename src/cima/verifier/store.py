@@ -922,16 +922,7 @@ class Store:
     def _check(conn: Connection, nonce: bytes, session: str | None, when: datetime) -> Challenge:
         key = nonce.hex()
         row = conn.execute(_SELECT_CHALLENGE, {"p_nonce": key}).first()
-        found = None if row is None else _challenge(row)
-        if (
-            found is None
-            or found.consumed_at is not None
-            or found.expires <= when
-            or (session is not None and found.session != session)
-        ):
-            _refuse(key, found, session, when)
-        assert found is not None
-        return found
+        return _consumable(key, None if row is None else _challenge(row), session, when)
 
     # -- attestations: one read before the appraisal, one write after ----------------------
     def begin_attestation(
@@ -963,15 +954,8 @@ class Store:
                 _BEGIN_ATTESTATION,
                 {"p_nonce": key, "p_name": reference, "p_node": node_hint},
             ).first()
-            found = None if row is None else _challenge(row)
-            if (
-                found is None
-                or found.consumed_at is not None
-                or found.expires <= when
-                or (session is not None and found.session != session)
-            ):
-                _refuse(key, found, session, when)
-            assert found is not None and row is not None
+            found = _consumable(key, None if row is None else _challenge(row), session, when)
+            assert row is not None
             if row.ref_version is None:
                 raise NotFoundError(f"reference set {reference!r}: not found")
             node_id = check_node_id(node(found))
@@ -1349,6 +1333,21 @@ def _challenge(row: Any) -> Challenge:
         row.expires,
         row.consumed_at,
     )
+
+
+def _consumable(
+    key: str, found: Challenge | None, session: str | None, when: datetime
+) -> Challenge:
+    """``found`` if its nonce can be consumed ``when`` in ``session``; else :func:`_refuse`."""
+    if (
+        found is None
+        or found.consumed_at is not None
+        or found.expires <= when
+        or (session is not None and found.session != session)
+    ):
+        _refuse(key, found, session, when)
+    assert found is not None
+    return found
 
 
 def _refuse(key: str, found: Challenge | None, session: str | None, when: datetime) -> None:
