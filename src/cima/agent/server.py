@@ -91,7 +91,7 @@ import stat
 import struct
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -753,11 +753,6 @@ class _Core:
                 f"the quoted {self.register}/{self.algorithm} ({quoted.hex()}) is not the replay "
                 f"of any prefix of the journal's events"
             )
-
-    def bundle(self, attested: _Attested) -> EvidenceBundle:
-        """The evidence bundle of a report (blocking: logs are read after the quote)."""
-        bundle, ima = self._bundle(attested)
-        return bundle if ima is None else replace(bundle, ima_log=tuple(ima()))
 
     def bundle_json(self, attested: _Attested) -> tuple[int, Callable[[], Iterator[bytes]]]:
         """The bundle's JSON as its size and a maker of its pieces (blocking).
