@@ -363,9 +363,7 @@ class UnaryProcessor(EventsProcessor):
                             written += len(frame)
                             frame.clear()
                             continue
-                        self.connection.flush()
-                        opened.clear()
-                        await opened.wait()
+                        await self._wait_window(opened)
                         continue
                     take = room - len(frame)
                     frame += view[:take]
@@ -385,9 +383,7 @@ class UnaryProcessor(EventsProcessor):
             while frame:
                 room = self._room(stream_id)
                 if room <= 0:
-                    self.connection.flush()
-                    opened.clear()
-                    await opened.wait()
+                    await self._wait_window(opened)
                     continue
                 h2.send_data(stream_id, bytes(frame[:room]))
                 del frame[:room]
@@ -400,6 +396,12 @@ class UnaryProcessor(EventsProcessor):
             self._window_open.pop(stream_id, None)
         self._done(stream_id, Status.OK)
         self.connection.flush()
+
+    async def _wait_window(self, opened: asyncio.Event) -> None:
+        """Send what is framed, then wait until the peer opens the stream's window."""
+        self.connection.flush()
+        opened.clear()
+        await opened.wait()
 
     def _room(self, stream_id: int) -> int:
         """The largest DATA frame the stream may take now (never above :data:`_MAX_FRAME`)."""
