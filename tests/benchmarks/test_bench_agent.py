@@ -31,6 +31,9 @@ def test_every_row_is_measured_with_h2load() -> None:
     assert unbatched["requests_per_quote"] == 1.0
     assert batched["requests_per_quote"] > 1.0
     assert batched["ratio_to_unbatched"] > 0
+    # The one-core bound comes from the same run's figures.
+    expected = 1000.0 / batched["server_cpu_ms_per_request"] / unbatched["entries_per_s"]
+    assert batched["ratio_bound_one_core"] == round(expected, 1)
     loaded = next(r for r in rows if r["name"].startswith("agent peak RSS, 2,000"))
     assert loaded["entries"] == 2000 and loaded["peak_rss_mb"] > 0
 
