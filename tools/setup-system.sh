@@ -2,7 +2,7 @@
 # Install the Debian packages cima's tests, demo and benchmarks use, if any is missing.
 # Idempotent: does nothing (and needs no network) when everything is there.
 set -eu
-PKGS="tpm2-tools swtpm swtpm-tools libtss2-dev pkg-config gcc containerd runc busybox-static qemu-system-x86 ovmf ima-evm-utils e2fsprogs postgresql nghttp2-client"
+PKGS="tpm2-tools swtpm swtpm-tools libtss2-dev pkg-config gcc containerd runc busybox-static qemu-system-x86 ovmf ima-evm-utils linux-kbuild-6.1 e2fsprogs postgresql nghttp2-client"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

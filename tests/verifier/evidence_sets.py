@@ -230,6 +230,18 @@ def ima_ng_entry(
     )
 
 
+def ima_template_entry(index: int, template: str, fields: list[bytes]) -> CELRecord:
+    """An IMA entry of any template from its fields' bytes (each framed by its length)."""
+    data = b"".join(len(f).to_bytes(4, "little") + f for f in fields)
+    return CELRecord(
+        index,
+        "pcr10",
+        (("sha1", hashlib.sha1(data).digest()),),
+        IMA_TEMPLATE,
+        {"template_name": template, "template_data": data},
+    )
+
+
 def ima_entries(count: int, start: int = 0) -> list[CELRecord]:
     return [
         ima_ng_entry(

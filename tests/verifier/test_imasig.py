@@ -38,6 +38,7 @@ from cima.verifier.imasig import (
     sign_digest,
 )
 from cima.verifier.reference import ReferenceValues, create_references
+from cima.verifier.result import AttestationResult
 from tests.verifier import evidence_sets as es
 
 
@@ -184,12 +185,83 @@ def test_digest_algorithm_must_match(rsa_key: rsa.RSAPrivateKey) -> None:
         ring.verify(sign_digest(rsa_key, digest, "sha256"), digest, "sha384")
 
 
-def test_version_3_is_not_verified(rsa_key: rsa.RSAPrivateKey) -> None:
+def test_kernel_spelling_of_sha3_is_the_signatures_hash(rsa_key: rsa.RSAPrivateKey) -> None:
+    """The log names SHA3-256 ``sha3-256`` (the kernel's hash_algo_name); HASH_ALGO 20."""
     ring = KeyRing([TrustedKey.from_public_key(rsa_key.public_key())])
-    v2 = sign_digest(rsa_key, hashlib.sha256(b"a").digest(), "sha256")
-    v3 = v2[:1] + b"\x03" + v2[2:]
-    with pytest.raises(IMASignatureUnsupportedError):
-        ring.verify(v3, hashlib.sha256(b"a").digest(), "sha256")
+    digest = hashlib.sha3_256(b"a").digest()
+    xattr = sign_digest(rsa_key, digest, "sha3_256")
+    assert xattr[2] == 20
+    assert ring.verify(xattr, digest, "sha3-256") is ring.keys[0]
+    with pytest.raises(IMASignatureError, match="measured digest is sha256"):
+        ring.verify(xattr, digest, "sha256")
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "sha384", "sha512"])
+def test_version_3_signs_the_file_id_of_an_fs_verity_digest(
+    rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey, algorithm: str
+) -> None:
+    ring = KeyRing(
+        [
+            TrustedKey.from_public_key(rsa_key.public_key(), "rsa"),
+            TrustedKey.from_public_key(ec_key.public_key(), "ec"),
+        ]
+    )
+    verity = hashlib.new(algorithm, b"fs-verity descriptor").digest()
+    # struct ima_file_id: hash_type IMA_VERITY_DIGSIG (6), hash_algorithm (HASH_ALGO_*),
+    # the digest; hashed with the digest's algorithm.
+    number = {"sha256": 4, "sha384": 5, "sha512": 6}[algorithm]
+    file_id = hashlib.new(algorithm, bytes([6, number]) + verity).digest()
+    for key, name in ((rsa_key, "rsa"), (ec_key, "ec")):
+        xattr = sign_digest(key, verity, algorithm, version=3)
+        sig = IMASignature.from_bytes(xattr)
+        assert (xattr[0], sig.version, sig.hash_name) == (0x06, 3, algorithm)
+        assert ring.verify(xattr, verity, algorithm, digest_type="verity").name == name
+        # What is signed is the file id's hash, not the digest.
+        alg = {"sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+        prehashed = Prehashed(alg[algorithm]())
+        if name == "rsa":
+            rsa_key.public_key().verify(sig.signature, file_id, padding.PKCS1v15(), prehashed)
+        else:
+            ec_key.public_key().verify(sig.signature, file_id, ec.ECDSA(prehashed))
+        # Another digest of the same file does not verify.
+        other = hashlib.new(algorithm, b"another descriptor").digest()
+        with pytest.raises(IMASignatureError, match="does not verify"):
+            ring.verify(xattr, other, algorithm, digest_type="verity")
+
+
+def test_version_3_needs_an_fs_verity_digest(rsa_key: rsa.RSAPrivateKey) -> None:
+    ring = KeyRing([TrustedKey.from_public_key(rsa_key.public_key())])
+    digest = hashlib.sha256(b"a").digest()
+    v3 = sign_digest(rsa_key, digest, "sha256", version=3)
+    with pytest.raises(IMASignatureError, match=r"fs-verity digest.*'ima' digest"):
+        ring.verify(v3, digest, "sha256", digest_type="ima")
+    with pytest.raises(IMASignatureError, match="not typed as fs-verity"):
+        ring.verify(v3, digest, "sha256")
+
+
+def test_signature_versions_must_match_their_xattr_type(rsa_key: rsa.RSAPrivateKey) -> None:
+    """The kernel refuses v3 in a 0x03 xattr and anything but v3 in a 0x06 one."""
+    ring = KeyRing([TrustedKey.from_public_key(rsa_key.public_key())])
+    digest = hashlib.sha256(b"a").digest()
+    v2 = sign_digest(rsa_key, digest, "sha256")
+    v3_in_digsig = v2[:1] + b"\x03" + v2[2:]
+    with pytest.raises(IMASignatureError, match="invalid-signature-version"):
+        ring.verify(v3_in_digsig, digest, "sha256", digest_type="verity")
+    v3 = sign_digest(rsa_key, digest, "sha256", version=3)
+    v2_in_verity = v3[:1] + b"\x02" + v3[2:]
+    with pytest.raises(IMASignatureError, match="must be version 3"):
+        ring.verify(v2_in_verity, digest, "sha256", digest_type="verity")
+
+
+def test_evm_portable_signature_is_not_verifiable_from_the_log(
+    rsa_key: rsa.RSAPrivateKey,
+) -> None:
+    """With no IMA signature the kernel logs the EVM portable one (type 0x05) in ``sig``."""
+    ring = KeyRing([TrustedKey.from_public_key(rsa_key.public_key())])
+    digest = hashlib.sha256(b"a").digest()
+    evm = b"\x05" + sign_digest(rsa_key, digest, "sha256")[1:]
+    with pytest.raises(IMASignatureUnsupportedError, match="EVM portable signature"):
+        ring.verify(evm, digest, "sha256")
 
 
 BAD_SIGNATURES = {
@@ -260,6 +332,52 @@ def test_bad_signature_with_a_trusted_key_id_is_contraindicated(rsa_key: rsa.RSA
     assert result.status == "contraindicated"
     (f,) = result.failures
     assert (f.code, f.log, f.event, f.error) == ("file-signature", "ima", 0, "IMASignatureError")
+
+
+def _appraise_signed(
+    entries: list, keys: list[str], *, drop: tuple[str, ...] = ()
+) -> AttestationResult:
+    """Appraise a software node's bundle with ``entries``; ``drop`` paths leave the references."""
+    node = es.SoftwareNode.new()
+    bundle = node.bundle(boot=es.synthetic_boot(), ima_log=entries)
+    doc = create_references([bundle]).to_dict()
+    for path in drop:
+        del doc["ima"]["files"][path]
+    doc["ima"]["keys"] = keys
+    return appraise(bundle, ReferenceValues.model_validate(doc), nonce=bundle.nonce)
+
+
+def test_fs_verity_signature_in_an_ima_sigv2_entry(rsa_key: rsa.RSAPrivateKey) -> None:
+    """``ima-sigv2``: d-ngv2 'verity:sha256:' digest and a version 3 signature."""
+    verity = hashlib.sha256(b"fs-verity descriptor of /usr/bin/v").digest()
+    sig = sign_digest(rsa_key, verity, "sha256", version=3)
+    name = b"/usr/bin/v\x00"
+    good = es.ima_template_entry(0, "ima-sigv2", [b"verity:sha256:\x00" + verity, name, sig])
+    keys = [_pem(_certificate(rsa_key))]
+    result = _appraise_signed([good], keys, drop=("/usr/bin/v",))
+    assert result.affirming, [f.describe() for f in result.failures]
+    assert result.submodule("ima").details["files_signed"] == 1
+    # The same digest typed as a plain IMA digest: a v3 signature does not cover it.
+    plain = es.ima_template_entry(0, "ima-sigv2", [b"ima:sha256:\x00" + verity, name, sig])
+    result = _appraise_signed([plain], keys, drop=("/usr/bin/v",))
+    (f,) = result.failures
+    assert (f.code, f.error, f.subject) == ("file-signature", "IMASignatureError", "/usr/bin/v")
+    assert "fs-verity" in f.reason
+
+
+def test_evm_portable_signature_in_the_sig_field_falls_back_to_the_digest(
+    rsa_key: rsa.RSAPrivateKey,
+) -> None:
+    """The kernel logs the EVM portable signature (0x05) when the file has no IMA one."""
+    digest = hashlib.sha256(b"evm-signed file").digest()
+    evm = b"\x05" + sign_digest(rsa_key, digest, "sha256")[1:]
+    entries = _signed_ima([(b"/usr/bin/e", digest, evm)])
+    keys = [_pem(_certificate(rsa_key))]
+    result = _appraise_signed(entries, keys)
+    assert result.affirming, [f.describe() for f in result.failures]
+    assert result.submodule("ima").details["files_known"] == 1
+    result = _appraise_signed(entries, keys, drop=("/usr/bin/e",))
+    assert [f.code for f in result.failures] == ["unknown-file"]
 
 
 # -- evmctl ------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@
   earlier :class:`~cima.verifier.appraise.AppraisalState`;
 - :mod:`cima.verifier.result`: the result, its submodules and failures, the
   reconstructed environment, the EAR JWT;
-- :mod:`cima.verifier.imasig`: IMA file signatures and their keys.
+- :mod:`cima.verifier.imasig`: IMA file signatures (``security.ima``, versions 2
+  and 3) and their keys;
+- :mod:`cima.verifier.modsig`: appended PKCS#7 signatures (``ima-modsig``).
 
 The names below are imported on first use, so that ``import cima.verifier.store``
 does not load the appraisal machinery. The function is

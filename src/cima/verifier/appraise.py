@@ -674,7 +674,18 @@ class IMAFacts(NamedTuple):
     digest: bytes | None
     signature: bytes | None
     buffer: bytes | None
+    #: A ``d-ngv2`` digest's type (``ima`` or ``verity``); None for other digest fields.
+    digest_type: str | None = None
+    #: ``ima-modsig``: the appended PKCS#7 signature and the digest it covers (``d-modsig``).
+    modsig: bytes | None = None
+    modsig_algorithm: str | None = None
+    modsig_digest: bytes | None = None
 
+
+#: A file signature's verdict, kept per distinct signature and digest: None when
+#: it verifies, "" when no trusted key answers (the digest decides), else why not
+#: and the error's class.
+_SigOutcome = tuple[str, type[Exception]] | str | None
 
 _unpack_u32 = struct.Struct("<I").unpack_from
 _TEMPLATE_IDS: dict[str, tuple[str, ...] | None] = {}
@@ -743,8 +754,9 @@ def _ima_facts(template: str, data: bytes) -> IMAFacts | str:
     if parts is None or len(parts) != len(ids):
         return f"template data does not hold the {len(ids)} fields of {template!r}"
     name = None
-    alg = None
+    alg = dtype = None
     digest = sig = buf = None
+    modsig = modsig_alg = modsig_digest = None
     for fid, value in zip(ids, parts, strict=True):
         if fid in ("d-ng", "d-ngv2", "d"):
             if fid == "d":
@@ -754,8 +766,23 @@ def _ima_facts(template: str, data: bytes) -> IMAFacts | str:
             if nul < 1 or value[nul - 1] != 0x3A:
                 return f"field {fid} is not 'ALGORITHM:' NUL DIGEST"
             prefix = value[: nul - 1].decode("ascii", "backslashreplace")
-            alg = prefix.rpartition(":")[2] if fid == "d-ngv2" else prefix
+            if fid == "d-ngv2":
+                # "ima:sha256" or "verity:sha256" (the digest's type, then its algorithm).
+                dtype, _, alg = prefix.rpartition(":")
+                dtype = dtype or None
+            else:
+                alg = prefix
             digest = value[nul + 1 :]
+        elif fid == "d-modsig":
+            if not value:
+                continue  # no appended signature: the kernel leaves the field empty
+            nul = value.find(b"\x00")
+            if nul < 1 or value[nul - 1] != 0x3A:
+                return "field d-modsig is not 'ALGORITHM:' NUL DIGEST"
+            modsig_alg = value[: nul - 1].decode("ascii", "backslashreplace")
+            modsig_digest = value[nul + 1 :]
+        elif fid == "modsig":
+            modsig = value or None
         elif fid in ("n-ng", "n"):
             nul = value.find(b"\x00")
             raw = value if nul < 0 else value[:nul]
@@ -764,7 +791,9 @@ def _ima_facts(template: str, data: bytes) -> IMAFacts | str:
             sig = value or None
         elif fid == "buf":
             buf = value
-    return IMAFacts(name or "", alg, digest, sig, buf)
+    if (modsig is None) != (modsig_digest is None):
+        return "fields d-modsig and modsig must both be empty or both be present"
+    return IMAFacts(name or "", alg, digest, sig, buf, dtype, modsig, modsig_alg, modsig_digest)
 
 
 def ima_file_digests(view: EvidenceView) -> Iterator[tuple[str, str, bytes]]:
@@ -1953,7 +1982,7 @@ class _Appraisal:
         violation_sev: Status | None = WARNING
         if ima_refs is not None:
             violation_sev = None if ima_refs.violations == "ignore" else ima_refs.violations
-        sig_cache: dict[tuple[bytes, bytes], str | None] = {}
+        sig_cache: dict[tuple[bytes, bytes, str | None], _SigOutcome] = {}
         bad_files: list[tuple[int, str, Status]] = []
         zeros = {20: bytes(20), 32: bytes(32), 48: bytes(48), 64: bytes(64)}
         facts_of = _ima_facts
@@ -2033,8 +2062,14 @@ class _Appraisal:
             if exclude is not None and exclude.match(name):
                 counts["excluded"] += 1
                 continue
-            if facts.signature is not None and keys:
-                verdict = self._ima_signature(i, r, facts, keys, sig_cache)
+            if keys and (facts.signature is not None or facts.modsig is not None):
+                # As the kernel appraises: the xattr signature first; the appended
+                # signature when there is no xattr signature or no key answers to it.
+                verdict = "unknown"
+                if facts.signature is not None:
+                    verdict = self._ima_signature(i, r, facts, keys, sig_cache)
+                if verdict == "unknown" and facts.modsig is not None:
+                    verdict = self._ima_modsig(i, r, facts, keys, sig_cache)
                 if verdict == "good":
                     counts["files_signed"] += 1
                     continue
@@ -2096,7 +2131,7 @@ class _Appraisal:
         r: CELRecord,
         facts: IMAFacts,
         keys: Any,
-        cache: dict[tuple[bytes, bytes], str | None],
+        cache: dict[tuple[bytes, bytes, str | None], _SigOutcome],
     ) -> str:
         """``good``, ``bad`` (recorded), or ``unknown`` (no trusted key answers: use the digest)."""
         from cima.verifier.imasig import (
@@ -2106,32 +2141,72 @@ class _Appraisal:
             UnknownKeyError,
         )
 
-        assert facts.signature is not None and facts.digest is not None
-        key = (facts.signature, facts.digest)
-        if key in cache:
-            cached = cache[key]
-            return "good" if cached is None else ("unknown" if cached == "" else "bad")
-        try:
-            keys.verify(facts.signature, facts.digest, facts.algorithm)
-        except (UnknownKeyError, IMASignatureUnsupportedError):
-            cache[key] = ""
+        assert facts.signature is not None
+        digest = facts.digest if facts.digest is not None else b""
+        key = (facts.signature, digest, facts.digest_type)
+        if key not in cache:
+            try:
+                keys.verify(facts.signature, digest, facts.algorithm, digest_type=facts.digest_type)
+            except (UnknownKeyError, IMASignatureUnsupportedError):
+                cache[key] = ""
+            except (IMASignatureError, IMASignatureParseError) as e:
+                cache[key] = (str(e), type(e))
+            else:
+                cache[key] = None
+        return self._signature_verdict(i, r, facts, cache[key], "file-signature")
+
+    def _ima_modsig(
+        self,
+        i: int,
+        r: CELRecord,
+        facts: IMAFacts,
+        keys: Any,
+        cache: dict[tuple[bytes, bytes, str | None], _SigOutcome],
+    ) -> str:
+        """The appended signature's verdict, as :meth:`_ima_signature`'s."""
+        from cima.verifier.imasig import (
+            IMASignatureError,
+            IMASignatureParseError,
+            IMASignatureUnsupportedError,
+            UnknownKeyError,
+        )
+        from cima.verifier.modsig import verify_modsig
+
+        assert facts.modsig is not None
+        digest = facts.modsig_digest if facts.modsig_digest is not None else b""
+        key = (facts.modsig, digest, f"modsig:{facts.modsig_algorithm}")
+        if key not in cache:
+            try:
+                verify_modsig(facts.modsig, facts.modsig_algorithm or "", digest, keys)
+            except (UnknownKeyError, IMASignatureUnsupportedError):
+                cache[key] = ""
+            except (IMASignatureError, IMASignatureParseError) as e:
+                cache[key] = (str(e), type(e))
+            else:
+                cache[key] = None
+        return self._signature_verdict(i, r, facts, cache[key], "file-modsig")
+
+    def _signature_verdict(
+        self, i: int, r: CELRecord, facts: IMAFacts, outcome: _SigOutcome, check: str
+    ) -> str:
+        """None: ``good``; "": ``unknown``; (reason, error): ``bad``, recorded as a failure."""
+        if outcome is None:
+            return "good"
+        if isinstance(outcome, str):
             return "unknown"
-        except (IMASignatureError, IMASignatureParseError) as e:
-            cache[key] = str(e)
-            self.fail(
-                "ima",
-                5,
-                "file-signature",
-                f"IMA entry {i}: {facts.name}: {e}",
-                type(e),
-                register=r.register,
-                log="ima",
-                event=i,
-                subject=facts.name,
-            )
-            return "bad"
-        cache[key] = None
-        return "good"
+        reason, error = outcome
+        self.fail(
+            "ima",
+            5,
+            check,
+            f"IMA entry {i}: {facts.name}: {reason}",
+            error,
+            register=r.register,
+            log="ima",
+            event=i,
+            subject=facts.name,
+        )
+        return "bad"
 
     def _boot_aggregate(self, view: EvidenceView, i: int, facts: IMAFacts) -> None:
         details = self.subs["ima"].details

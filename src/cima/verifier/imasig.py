@@ -29,9 +29,26 @@ certificate's key identifiers, ``id[0]`` = raw serial number || issuer Name DER
 and ``id[1]`` = the Subject Key Identifier. A :class:`TrustedKey` answers to
 each of those ids, and verification tries every key that answers.
 
-Version 3 signatures (``ima-sigv2`` with fs-verity, a signature over a hashed
-``ima_file_id``) and the appended PKCS#7 signature of ``ima-modsig`` are not
-verified here: they raise :class:`IMASignatureUnsupportedError`.
+Version 3 signatures (``security/integrity/ima/ima_appraise.c``, ``xattr_verify``
+and ``calc_file_id_hash``) are fs-verity signatures: xattr type 0x06
+``IMA_VERITY_DIGSIG``, version 3, over the hash of a ``struct ima_file_id``::
+
+    u8     hash_type       0x06 IMA_VERITY_DIGSIG
+    u8     hash_algorithm  the fs-verity digest's HASH_ALGO_* number
+    u8[]   hash            the fs-verity digest (its length, not HASH_MAX_DIGESTSIZE)
+
+hashed with the digest's own algorithm. Such a digest reaches the log only in
+a ``d-ngv2`` field typed ``verity`` (templates ``ima-ngv2``, ``ima-sigv2``): a
+version 3 signature beside any other digest does not verify, nor does a version
+3 signature in a 0x03 xattr (the kernel's ``invalid-signature-version``).
+
+When the file has no IMA signature, the kernel writes the file's EVM portable
+signature (xattr type 0x05, ``EVM_XATTR_PORTABLE_DIGSIG``) in the ``sig`` field
+instead (``ima_eventsig_init``). It signs the file's metadata (other xattrs,
+owner, mode), which the log does not hold: it is reported as not verifiable
+(:class:`IMASignatureUnsupportedError`), never as a bad signature.
+
+The appended PKCS#7 signature of ``ima-modsig`` is :mod:`cima.verifier.modsig`'s.
 """
 
 from __future__ import annotations
@@ -52,7 +69,10 @@ from cima.errors import ParseError, SignatureError
 
 __all__ = [
     "DIGSIG_VERSION_2",
+    "DIGSIG_VERSION_3",
     "EVM_IMA_XATTR_DIGSIG",
+    "EVM_XATTR_PORTABLE_DIGSIG",
+    "IMA_VERITY_DIGSIG",
     "HASH_ALGO",
     "HASH_ALGO_BY_NAME",
     "IMASignature",
@@ -62,11 +82,14 @@ __all__ = [
     "KeyRing",
     "TrustedKey",
     "UnknownKeyError",
+    "file_id_hash",
     "key_id_v2",
     "sign_digest",
 ]
 
 EVM_IMA_XATTR_DIGSIG = 0x03
+EVM_XATTR_PORTABLE_DIGSIG = 0x05
+IMA_VERITY_DIGSIG = 0x06
 DIGSIG_VERSION_2 = 2
 DIGSIG_VERSION_3 = 3
 
@@ -98,6 +121,14 @@ HASH_ALGO: Mapping[int, str] = {
 }
 HASH_ALGO_BY_NAME: Mapping[str, int] = {v: k for k, v in HASH_ALGO.items()}
 
+#: The kernel's own spellings (``hash_algo_name``, the ``d-ng`` prefix) of the names above.
+_KERNEL_NAMES: Mapping[str, str] = {
+    "sm3": "sm3_256",
+    "sha3-256": "sha3_256",
+    "sha3-384": "sha3_384",
+    "sha3-512": "sha3_512",
+}
+
 #: The hashes a signature can be checked with (what ``cryptography`` offers).
 _HASHES: Mapping[str, type[hashes.HashAlgorithm]] = {
     "sha1": hashes.SHA1,
@@ -126,7 +157,7 @@ class UnknownKeyError(IMASignatureError):
 
 
 class IMASignatureUnsupportedError(IMASignatureError):
-    """A signature of a kind this module does not verify (v3, an unknown hash)."""
+    """A signature this module cannot verify (an EVM portable signature, an unknown hash)."""
 
 
 class IMASignatureParseError(ParseError):
@@ -135,7 +166,7 @@ class IMASignatureParseError(ParseError):
 
 @dataclass(frozen=True, slots=True)
 class IMASignature:
-    """A decoded ``security.ima`` signature (type 0x03, version 2 or 3)."""
+    """A decoded ``security.ima`` signature (type 0x03 or 0x06, version 2 or 3)."""
 
     version: int
     hash_algo: int
@@ -162,10 +193,16 @@ class IMASignature:
                 offset=0,
             )
         kind, version, algo, key_id, size = _HEADER.unpack_from(data, 0)
-        if kind != EVM_IMA_XATTR_DIGSIG:
+        if kind == EVM_XATTR_PORTABLE_DIGSIG:
+            raise IMASignatureUnsupportedError(
+                "an EVM portable signature (xattr type 0x05) signs the file's metadata, "
+                "which the log does not carry: it cannot be verified from the log"
+            )
+        if kind not in (EVM_IMA_XATTR_DIGSIG, IMA_VERITY_DIGSIG):
             raise IMASignatureParseError(
                 f"xattr type 0x{kind:02x} is not a digital signature "
-                f"(EVM_IMA_XATTR_DIGSIG, 0x{EVM_IMA_XATTR_DIGSIG:02x})",
+                f"(EVM_IMA_XATTR_DIGSIG, 0x{EVM_IMA_XATTR_DIGSIG:02x}, or IMA_VERITY_DIGSIG, "
+                f"0x{IMA_VERITY_DIGSIG:02x})",
                 offset=0,
             )
         if version not in (DIGSIG_VERSION_2, DIGSIG_VERSION_3):
@@ -326,26 +363,46 @@ class KeyRing:
         return list(self._by_id.get(bytes(key_id), ()))
 
     def verify(
-        self, signature: IMASignature | bytes, digest: bytes, digest_algorithm: str | None = None
+        self,
+        signature: IMASignature | bytes,
+        digest: bytes,
+        digest_algorithm: str | None = None,
+        *,
+        digest_type: str | None = None,
     ) -> TrustedKey:
         """Return the trusted key whose signature over ``digest`` this is; raise otherwise.
 
         ``digest_algorithm`` is the algorithm of the measured digest (the entry's
         ``d-ng`` prefix): it must be the signature's hash algorithm.
+        ``digest_type`` is a ``d-ngv2`` digest's type (``ima`` or ``verity``; None
+        for the other digest fields): a version 3 signature needs ``verity``.
         """
         sig = (
             signature if isinstance(signature, IMASignature) else IMASignature.from_bytes(signature)
         )
-        if sig.version != DIGSIG_VERSION_2:
-            raise IMASignatureUnsupportedError(
-                f"signature version {sig.version} (a signature over an ima_file_id) is not "
-                "verified; only version 2 signatures over the file digest are"
+        if sig.type == IMA_VERITY_DIGSIG and sig.version != DIGSIG_VERSION_3:
+            raise IMASignatureError(
+                f"an fs-verity signature (xattr type 0x06) must be version 3, this one is "
+                f"version {sig.version}"
+            )
+        if sig.type == EVM_IMA_XATTR_DIGSIG and sig.version != DIGSIG_VERSION_2:
+            raise IMASignatureError(
+                f"a version {sig.version} signature in an EVM_IMA_XATTR_DIGSIG (0x03) xattr: "
+                "the kernel refuses it (invalid-signature-version)"
+            )
+        if sig.version == DIGSIG_VERSION_3 and digest_type != "verity":
+            shown = f"a {digest_type!r} digest" if digest_type else "not typed as fs-verity"
+            raise IMASignatureError(
+                "a version 3 signature covers an fs-verity digest (a d-ngv2 field typed "
+                f"'verity'); the measured digest is {shown}"
             )
         name = sig.hash_name
         hash_cls = _HASHES.get(name)
         if hash_cls is None:
             raise IMASignatureUnsupportedError(f"signature hash {name} cannot be verified here")
         alg = hash_cls()
+        if digest_algorithm is not None:
+            digest_algorithm = _KERNEL_NAMES.get(digest_algorithm, digest_algorithm)
         if digest_algorithm is not None and digest_algorithm != name:
             raise IMASignatureError(
                 f"the signature is over a {name} digest but the measured digest is "
@@ -355,6 +412,8 @@ class KeyRing:
             raise IMASignatureError(
                 f"a {name} digest is {alg.digest_size} bytes, the measured digest is {len(digest)}"
             )
+        if sig.version == DIGSIG_VERSION_3:
+            digest = file_id_hash(digest, name)
         keys = self.candidates(sig.key_id)
         if not keys:
             raise UnknownKeyError(f"no trusted key has key id {sig.key_id_hex}")
@@ -371,26 +430,53 @@ class KeyRing:
         )
 
 
-def sign_digest(
-    private_key: PrivateKey, digest: bytes, hash_algorithm: str, *, key_id: bytes | None = None
-) -> bytes:
-    """The ``security.ima`` value ``evmctl ima_sign`` writes for a file with ``digest``.
+def file_id_hash(digest: bytes, hash_algorithm: str) -> bytes:
+    """What a version 3 signature signs: the hash of the ``ima_file_id`` of an fs-verity digest.
 
-    RSA keys sign with PKCS#1 v1.5, EC keys with ECDSA (DER); the key id is
-    :func:`key_id_v2` of the public key unless ``key_id`` is given.
+    ``hash_type`` IMA_VERITY_DIGSIG, ``hash_algorithm`` the digest's HASH_ALGO_*
+    number, then the digest, hashed with the digest's algorithm (the kernel's
+    ``calc_file_id_hash``).
+    """
+    name = hash_algorithm.lower().replace("-", "")
+    hash_cls = _HASHES.get(name)
+    if hash_cls is None or name not in HASH_ALGO_BY_NAME:
+        raise IMASignatureUnsupportedError(f"signature hash {hash_algorithm} cannot be used here")
+    h = hashes.Hash(hash_cls())
+    h.update(bytes((IMA_VERITY_DIGSIG, HASH_ALGO_BY_NAME[name])) + bytes(digest))
+    return h.finalize()
+
+
+def sign_digest(
+    private_key: PrivateKey,
+    digest: bytes,
+    hash_algorithm: str,
+    *,
+    key_id: bytes | None = None,
+    version: int = DIGSIG_VERSION_2,
+) -> bytes:
+    """The ``security.ima`` value ``evmctl`` writes for a file with ``digest``.
+
+    Version 2 (``evmctl ima_sign``) signs the file digest; version 3 (an fs-verity
+    signature, xattr type 0x06) signs :func:`file_id_hash` of the fs-verity
+    digest. RSA keys sign with PKCS#1 v1.5, EC keys with ECDSA (DER); the key id
+    is :func:`key_id_v2` of the public key unless ``key_id`` is given.
     """
     name = hash_algorithm.lower().replace("-", "")
     hash_cls = _HASHES.get(name)
     if hash_cls is None or name not in HASH_ALGO_BY_NAME:
         raise IMASignatureUnsupportedError(f"cannot sign with hash {hash_algorithm}")
+    if version not in (DIGSIG_VERSION_2, DIGSIG_VERSION_3):
+        raise ValueError(f"signature version {version} is not 2 or 3")
     alg = hash_cls()
     if len(digest) != alg.digest_size:
         raise ValueError(f"a {name} digest is {alg.digest_size} bytes, got {len(digest)}")
+    signed = digest if version == DIGSIG_VERSION_2 else file_id_hash(digest, name)
     if isinstance(private_key, rsa.RSAPrivateKey):
-        value = private_key.sign(digest, padding.PKCS1v15(), Prehashed(alg))
+        value = private_key.sign(signed, padding.PKCS1v15(), Prehashed(alg))
     else:
-        value = private_key.sign(digest, ec.ECDSA(Prehashed(alg)))
+        value = private_key.sign(signed, ec.ECDSA(Prehashed(alg)))
     kid = key_id_v2(private_key.public_key()) if key_id is None else bytes(key_id)
     if len(kid) != 4:
         raise ValueError("a key id is 4 bytes")
-    return IMASignature(DIGSIG_VERSION_2, HASH_ALGO_BY_NAME[name], kid, value).to_bytes()
+    kind = EVM_IMA_XATTR_DIGSIG if version == DIGSIG_VERSION_2 else IMA_VERITY_DIGSIG
+    return IMASignature(version, HASH_ALGO_BY_NAME[name], kid, value, kind).to_bytes()
