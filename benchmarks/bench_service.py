@@ -173,9 +173,14 @@ class _Server:
     """``cima verifier serve`` in a child process."""
 
     def __init__(
-        self, store_url: str, key_path: Path, workers: int = 0, extra: Sequence[str] = ()
+        self,
+        store_url: str,
+        key_path: Path,
+        token_path: Path,
+        workers: int = 0,
+        extra: Sequence[str] = (),
     ) -> None:
-        """``workers`` 0: the default (one per CPU)."""
+        """``workers`` 0: the default (one per CPU); ``token_path``: its operator token file."""
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ)
@@ -192,6 +197,8 @@ class _Server:
                 f"127.0.0.1:{self.port}",
                 "--jwt-key",
                 str(key_path),
+                "--operator-token-file",
+                str(token_path),
                 "--log-level",
                 "error",
                 *(["--workers", str(workers)] if workers else []),
@@ -379,6 +386,8 @@ def run(
     serve_args: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Attestations per second through one verifier instance, per store and worker count."""
+    import secrets
+
     import httpx
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -398,6 +407,11 @@ def run(
                 serialization.NoEncryption(),
             )
         )
+        # The operator token that stores the reference values (PUT /v1/references/default).
+        token = secrets.token_urlsafe(32)
+        token_path = Path(tmp) / "operator-tokens"
+        token_path.write_text(token + "\n")
+        token_path.chmod(0o600)
         for n, (backend, workers) in enumerate(configurations):
             n_workers = workers or default_workers()
             label = f"{backend}, {n_workers} worker{'s' if n_workers > 1 else ''}" + (
@@ -418,13 +432,16 @@ def run(
                     continue
                 cluster = PostgresCluster().start()
                 url = cluster.create_database()
-            server = _Server(url, key_path, workers, serve_args)
+            server = _Server(url, key_path, token_path, workers, serve_args)
             try:
                 server.wait_ready()
                 r = httpx.put(
                     server.base + "/v1/references/default",
                     content=references_yaml.encode(),
-                    headers={"content-type": "application/yaml"},
+                    headers={
+                        "content-type": "application/yaml",
+                        "authorization": f"Bearer {token}",
+                    },
                     timeout=60,
                 )
                 r.raise_for_status()

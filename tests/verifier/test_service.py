@@ -14,9 +14,11 @@ import base64
 import dataclasses
 import json
 import os
+import secrets
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,15 +34,30 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from cima.verifier.reference import create_references
 from cima.verifier.result import verify_jwt
-from cima.verifier.service import ServiceConfig, VerifierService, openapi_document
+from cima.verifier.service import (
+    ServiceConfig,
+    VerifierService,
+    openapi_document,
+    operator_token_digest,
+)
 from cima.verifier.store import Store
 from tests.verifier.nodes import SoftwareNode
-from tests.verifier.servers import SRC, ThreadedVerifier, VerifierProcess
+from tests.verifier.servers import (
+    OPERATOR_DIGESTS,
+    OPERATOR_TOKEN,
+    SRC,
+    ThreadedVerifier,
+    VerifierProcess,
+    bearer,
+    write_token_file,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 OPENAPI = ROOT / "docs" / "verifier-openapi.json"
 MAX_BODY = 2 * 1024 * 1024
 JSON_HEADERS = {"content-type": "application/json"}
+#: A second operator token of the `verifier` fixture (a token being rotated in).
+SECOND_TOKEN = secrets.token_urlsafe(32)
 
 
 @dataclass
@@ -89,7 +106,9 @@ class Verifier:
 def verifier(tmp_path: Path) -> Iterator[Verifier]:
     key = ec.generate_private_key(ec.SECP256R1())
     store = Store(f"sqlite:///{tmp_path / 'verifier.db'}", instance="test")
-    service = VerifierService(store, ServiceConfig(max_body=MAX_BODY, jwt_key=key))
+    tokens = (*OPERATOR_DIGESTS, operator_token_digest(SECOND_TOKEN))
+    config = ServiceConfig(max_body=MAX_BODY, jwt_key=key, operator_tokens=tokens)
+    service = VerifierService(store, config)
     with ThreadedVerifier(service) as server, server.client() as http:
         yield Verifier(server, http, store, service, key)
     store.close()
@@ -764,7 +783,7 @@ def test_a_tls_key_that_does_not_load_is_refused(tmp_path: Path) -> None:
 def test_store_work_on_threads(tmp_path: Path, node: SoftwareNode) -> None:
     """``threads`` > 0: the store's work on threads; every rule holds as on the event loop."""
     store = Store(f"sqlite:///{tmp_path / 'v.db'}", instance="threads")
-    service = VerifierService(store, ServiceConfig(threads=3))
+    service = VerifierService(store, ServiceConfig(threads=3, operator_tokens=OPERATOR_DIGESTS))
     try:
         with ThreadedVerifier(service) as server, server.client() as http:
             refs = create_references([node.bundle(os.urandom(32))])
@@ -903,3 +922,549 @@ def test_an_rsa_jwt_key_is_refused(tmp_path: Path) -> None:
     )
     done = _cli("serve", "--store", f"sqlite:///{tmp_path / 'v.db'}", "--jwt-key", str(pem))
     assert done.returncode == 2 and "EC P-256" in done.stderr
+
+
+# -- operator authorization: who may store reference values ----------------------------------------
+
+UNAUTHORIZED = 'Bearer realm="cima-verifier"'
+
+
+def _refs_yaml(node: SoftwareNode, name: str = "workers") -> bytes:
+    return create_references([node.bundle(os.urandom(32))], name=name).to_yaml().encode()
+
+
+def _assert_unauthorized(r: httpx.Response) -> None:
+    assert r.status_code == 401, r.text
+    assert r.headers["www-authenticate"] == UNAUTHORIZED
+    assert r.json()["error"] == "unauthorized" and "\n" not in r.json()["detail"]
+
+
+def test_a_reference_write_takes_an_operator_token(verifier: Verifier, node: SoftwareNode) -> None:
+    body = _refs_yaml(node)
+    yaml_type = {"content-type": "application/yaml"}
+    with httpx.Client(base_url=verifier.server.base, timeout=60) as anyone:
+        refused = [
+            {},
+            {"authorization": "Basic " + base64.b64encode(b"operator:secret").decode()},
+            {"authorization": f"Basic {OPERATOR_TOKEN}"},
+            {"authorization": f"Bearer {secrets.token_urlsafe(32)}"},
+            {"authorization": f"Bearer {OPERATOR_TOKEN}x"},
+            {"authorization": "Bearer"},
+        ]
+        for headers in refused:
+            r = anyone.put("/v1/references/workers", content=body, headers=yaml_type | headers)
+            _assert_unauthorized(r)
+            assert anyone.get("/v1/references/workers").status_code == 404
+        assert anyone.get("/v1/references").json() == {"references": []}
+        # The first token, then the second (both in the file: a token being rotated).
+        first = anyone.put(
+            "/v1/references/workers",
+            content=body,
+            headers=yaml_type | {"authorization": f"Bearer {OPERATOR_TOKEN}"},
+        )
+        assert first.status_code == 201 and first.json()["version"] == 1, first.text
+        changed = _refs_yaml(node, "workers, second take")
+        second = anyone.put(
+            "/v1/references/workers",
+            content=changed,
+            headers=yaml_type | {"authorization": f"bearer {SECOND_TOKEN}"},  # any case
+        )
+        assert second.status_code == 201 and second.json()["version"] == 2, second.text
+        stored = anyone.get("/v1/references/workers").json()
+        for headers in refused:
+            r = anyone.put(
+                "/v1/references/workers", content=_refs_yaml(node, "evil"), headers=headers
+            )
+            _assert_unauthorized(r)
+            assert anyone.get("/v1/references/workers").json() == stored
+        assert stored["version"] == 2 and stored["document"]["name"] == "workers, second take"
+
+
+def test_a_refused_write_is_refused_before_its_body_is_read(verifier: Verifier) -> None:
+    """No token: 401 whatever the body (not 400 unreadable, not 413 too large, not 422)."""
+    wrong = {"authorization": f"Bearer {secrets.token_urlsafe(32)}"}
+    over = b" " * (MAX_BODY + 1)
+    with httpx.Client(base_url=verifier.server.base, timeout=60, headers=wrong) as anyone:
+        _assert_unauthorized(
+            anyone.put("/v1/references/x", content=b"version: [1", headers=JSON_HEADERS)
+        )
+        _assert_unauthorized(
+            anyone.put(
+                "/v1/references/x",
+                content=iter([over[i : i + 65536] for i in range(0, len(over), 65536)]),
+            )
+        )
+        _assert_unauthorized(anyone.put("/v1/references/" + "n" * 300, content=b"version: 1\n"))
+        _assert_unauthorized(anyone.put("/v1/references/x", content=b"\xff", headers={}))
+        # The connection goes on serving after a refusal whose body was never read.
+        assert anyone.get("/healthz").status_code == 200
+        assert anyone.get("/v1/references").json() == {"references": []}
+    # With the token, the same requests are judged on their bodies.
+    assert verifier.http.put("/v1/references/x", content=b"version: [1").status_code == 400
+
+
+def test_an_instance_without_operator_tokens_is_read_only(
+    ready: Verifier, node: SoftwareNode, tmp_path: Path
+) -> None:
+    """It serves challenges, attestations and reads; reference values come from elsewhere."""
+    store = Store(f"sqlite:///{tmp_path / 'verifier.db'}", instance="read-only")
+    try:
+        service = VerifierService(store, ServiceConfig(jwt_key=ready.key))
+        with ThreadedVerifier(service) as server, server.client() as http:  # sends the token
+            before = http.get("/v1/references/default").json()
+            for headers in ({}, {"authorization": "Basic eDp5"}):
+                r = http.put("/v1/references/default", content=_refs_yaml(node), headers=headers)
+                assert r.status_code == 403, r.text
+                assert r.json() == {
+                    "error": "read_only",
+                    "detail": "this instance takes no reference values: it was started "
+                    "without --operator-token-file",
+                }
+                assert "www-authenticate" not in r.headers
+            with httpx.Client(base_url=server.base, timeout=60) as anyone:
+                r = anyone.put("/v1/references/new", content=b"version: 1\n")
+                assert r.status_code == 403 and r.json()["error"] == "read_only"
+            assert http.get("/v1/references/default").json() == before
+            assert http.get("/v1/references/new").status_code == 404
+            assert [x["name"] for x in http.get("/v1/references").json()["references"]] == [
+                "default"
+            ]
+            ch = http.post("/v1/challenge", json={"node_id": "worker-1"}).json()
+            r = http.post(
+                "/v1/attest",
+                content=node.bundle_json(bytes.fromhex(ch["nonce"])),
+                params={"session": ch["session"]},
+                headers=JSON_HEADERS,
+            )
+            assert r.status_code == 200 and r.json()["status"] == "affirming", r.text
+            assert http.get(f"/v1/results/{r.json()['id']}").json() == r.json()
+            assert http.get("/v1/nodes/worker-1/results/latest").json() == r.json()
+            assert http.get("/v1/keys").json()["keys"][0]["alg"] == "ES256"
+            assert http.get("/healthz").json()["status"] == "ok"
+    finally:
+        store.close()
+
+
+def test_the_api_description_declares_the_operator_token() -> None:
+    doc = openapi_document()
+    assert doc["components"]["securitySchemes"]["operatorToken"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": doc["components"]["securitySchemes"]["operatorToken"]["description"],
+    }
+    put = doc["paths"]["/v1/references/{name}"]["put"]
+    assert put["security"] == [{"operatorToken": []}]
+    assert {"401", "403"} <= set(put["responses"])
+    assert "WWW-Authenticate" in put["responses"]["401"]["headers"]
+    secured = [
+        (path, method)
+        for path, operations in doc["paths"].items()
+        for method, operation in operations.items()
+        if "security" in operation
+    ]
+    assert secured == [("/v1/references/{name}", "put")]
+
+
+def test_operator_token_files(tmp_path: Path) -> None:
+    from cima.verifier.service import OperatorTokenError, load_operator_tokens
+
+    first, second = secrets.token_urlsafe(32), "x" * 32
+    good = tmp_path / "tokens"
+    good.write_bytes(
+        f"# operators\r\n\r\n  {first}  \r\n# rotating in:\n{second}\n{first}\n".encode()
+    )
+    good.chmod(0o640)  # the group may read it; others may not
+    assert load_operator_tokens(good) == (
+        operator_token_digest(first),
+        operator_token_digest(second),
+    )
+
+    def refused(text: bytes, mode: int = 0o600) -> str:
+        path = tmp_path / "bad"
+        path.write_bytes(text)
+        path.chmod(mode)
+        with pytest.raises(OperatorTokenError) as e:
+            load_operator_tokens(path)
+        message = str(e.value)
+        assert message.startswith(f"{path}: ") and "\n" not in message
+        return message
+
+    assert "line 2: a token is at least 32 characters, this one has 31" in refused(
+        b"# x\n" + b"y" * 31 + b"\n"
+    )
+    assert "line 1: a token is printable ASCII without spaces" in refused(
+        b"two words " + b"z" * 32 + b"\n"
+    )
+    assert "line 1: a token is printable ASCII" in refused("é".encode() * 40)
+    assert "no operator token" in refused(b"")
+    assert "no operator token" in refused(b"# only\n\n   \n")
+    assert "readable by others (mode 0604)" in refused(first.encode(), mode=0o604)
+    assert first not in refused(first.encode() + b"\nshort\n")
+    with pytest.raises(OperatorTokenError, match="no such file"):
+        load_operator_tokens(tmp_path / "missing")
+    with pytest.raises(OperatorTokenError, match="not a regular file"):
+        load_operator_tokens(tmp_path)
+
+
+def test_an_unreadable_operator_token_file_is_refused(tmp_path: Path) -> None:
+    from cima.verifier.service import OperatorTokenError, load_operator_tokens
+
+    path = tmp_path / "tokens"
+    path.write_text("t" * 40 + "\n")
+    path.chmod(0o000)
+    if os.geteuid() != 0:
+        with pytest.raises(OperatorTokenError, match="cannot read"):
+            load_operator_tokens(path)
+        return
+    # Root reads any file: the service's user here is nobody, in a child that gave up root.
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        try:
+            os.close(r)
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                load_operator_tokens(path)
+                message = "accepted"
+            except OperatorTokenError as e:
+                message = str(e)
+            os.write(w, message.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        message = pipe.read().decode()
+    os.waitpid(pid, 0)
+    assert "cannot read" in message and str(path) in message, message
+
+
+SHORT_TOKEN = "abcdefghij"
+
+
+@pytest.mark.parametrize(
+    ("lines", "mode", "words"),
+    [
+        (None, 0o600, "no such file"),
+        ([], 0o600, "no operator token"),
+        (["# operators", OPERATOR_TOKEN, SHORT_TOKEN], 0o600, "line 3: a token is at least 32"),
+        ([OPERATOR_TOKEN], 0o644, "readable by others"),
+    ],
+    ids=["missing", "empty", "short token", "world-readable"],
+)
+def test_cima_verifier_serve_refuses_a_bad_operator_token_file(
+    tmp_path: Path, lines: list[str] | None, mode: int, words: str
+) -> None:
+    path = tmp_path / "operator-tokens"
+    if lines is not None:
+        path.write_text("".join(f"{line}\n" for line in lines))
+        path.chmod(mode)
+    done = _cli(
+        "serve",
+        "--store",
+        f"sqlite:///{tmp_path / 'v.db'}",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--operator-token-file",
+        str(path),
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert f"--operator-token-file {path}: {words}" in done.stderr, done.stderr
+    assert OPERATOR_TOKEN not in done.stderr and SHORT_TOKEN not in done.stderr
+    assert not (tmp_path / "v.db").exists()  # refused before the store was opened
+
+
+@dataclass
+class OperatorProcess:
+    process: VerifierProcess
+    tokens: tuple[str, str]
+    path: Path
+
+
+@pytest.fixture(scope="module")
+def operator_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    """``cima verifier serve --workers 2 --log-level debug`` with a file of two tokens."""
+    tmp = tmp_path_factory.mktemp("operators")
+    tokens = (secrets.token_urlsafe(32), secrets.token_hex(24))
+    path = write_token_file(
+        tmp / "tokens",
+        "# the operators of this instance",
+        "",
+        tokens[0],
+        "# rotated in:",
+        tokens[1],
+    )
+    with VerifierProcess(
+        f"sqlite:///{tmp / 'v.db'}",
+        "--workers",
+        "2",
+        "--log-level",
+        "debug",
+        "--operator-token-file",
+        str(path),
+        operator_token=None,
+    ) as process:
+        yield OperatorProcess(process, tokens, path.resolve())
+
+
+def _worker_environments(parent: int) -> list[str]:
+    """The environment, as text, of each worker process (multiprocessing) of ``parent``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if (
+                entry.name.isdigit()
+                and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent
+                and b"spawn_main" in (entry / "cmdline").read_bytes()
+            ):
+                found.append((entry / "environ").read_bytes().decode(errors="replace"))
+        except OSError:
+            continue
+    return found
+
+
+def test_worker_processes_read_the_operator_token_file(
+    operator_process: OperatorProcess, node: SoftwareNode
+) -> None:
+    v = operator_process.process
+    first, second = operator_process.tokens
+    wrong = secrets.token_urlsafe(32)
+    body = _refs_yaml(node)
+    with httpx.Client(base_url=v.base, timeout=60) as anyone:
+        for i in range(4):  # new connections: the kernel spreads them over both workers
+            with httpx.Client(base_url=v.base, timeout=60) as own:
+                _assert_unauthorized(
+                    own.put(f"/v1/references/w{i}", content=body, headers=bearer(wrong))
+                )
+        _assert_unauthorized(anyone.put("/v1/references/w", content=body))
+        r = anyone.put("/v1/references/w", content=body, headers=bearer(second))
+        assert r.status_code == 201, r.text
+        r = anyone.put("/v1/references/w", content=body, headers=bearer(first))
+        assert r.status_code == 200 and r.json()["version"] == 1, r.text
+    # The workers' settings (in their environment) name the file; no token is in them.
+    assert v.proc is not None
+    environments = _worker_environments(v.proc.pid)
+    named = f'"operator_token_file": "{operator_process.path}"'
+    assert len(environments) == 2
+    for environment in environments:
+        assert named in environment
+        assert first not in environment and second not in environment
+
+
+def test_no_operator_token_is_ever_written_to_the_output(
+    operator_process: OperatorProcess, node: SoftwareNode
+) -> None:
+    v = operator_process.process
+    first, second = operator_process.tokens
+    wrong = secrets.token_urlsafe(32)
+    with httpx.Client(base_url=v.base, timeout=60) as http:
+        _assert_unauthorized(
+            http.put("/v1/references/logged", content=b"version: 1\n", headers=bearer(wrong))
+        )
+        _assert_unauthorized(
+            http.put(
+                "/v1/references/logged",
+                content=b"version: 1\n",
+                headers={"authorization": f"Basic {first}"},
+            )
+        )
+        r = http.put("/v1/references/logged", content=_refs_yaml(node), headers=bearer(first))
+        assert r.status_code == 201, r.text
+    access = '"PUT /v1/references/logged HTTP/1.1" 201'
+    output = ""
+    for _ in range(100):  # the workers write their log lines as they go
+        output = v.output()
+        if access in output:
+            break
+        time.sleep(0.05)
+    assert "reference write to 'logged' from 127.0.0.1 refused" in output, output
+    assert "reference write to 'logged' with operator token 1" in output, output
+    assert access in output, output  # the access log (stdout)
+    for token in (first, second, wrong):
+        assert token not in output
+
+
+# -- mutual TLS ----------------------------------------------------------------------------------
+
+
+@dataclass
+class PKI:
+    """A CA, its server certificate for 127.0.0.1, its client, and a client of another CA."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client: tuple[Path, Path]
+    stranger: tuple[Path, Path]
+
+    def context(self, client: tuple[Path, Path] | None) -> Any:
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        if client is not None:
+            ctx.load_cert_chain(*map(str, client))
+        return ctx
+
+
+def _issue(
+    directory: Path,
+    name: str,
+    *,
+    issuer: tuple[Any, ec.EllipticCurvePrivateKey] | None = None,
+    ca: bool = False,
+    server: bool = False,
+) -> tuple[Any, ec.EllipticCurvePrivateKey, Path, Path]:
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer_cert, issuer_key = issuer if issuer is not None else (None, key)
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer_cert.subject if issuer_cert is not None else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    else:
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    if server:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+    cert = builder.sign(issuer_key, hashes.SHA256())
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return cert, key, cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    d = tmp_path_factory.mktemp("pki")
+    ca_cert, ca_key, ca_path, _ = _issue(d, "ca", ca=True)
+    _, _, server_cert, server_key = _issue(d, "server", issuer=(ca_cert, ca_key), server=True)
+    _, _, client_cert, client_key = _issue(d, "client", issuer=(ca_cert, ca_key))
+    other_cert, other_key, _, _ = _issue(d, "other-ca", ca=True)
+    _, _, stranger_cert, stranger_key = _issue(d, "stranger", issuer=(other_cert, other_key))
+    return PKI(
+        ca_path, server_cert, server_key, (client_cert, client_key), (stranger_cert, stranger_key)
+    )
+
+
+@pytest.fixture(scope="module", params=["1", "2"], ids=["1 worker", "2 workers"])
+def mtls_verifier(
+    request: pytest.FixtureRequest, pki: PKI, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[VerifierProcess]:
+    """``cima verifier serve --client-ca``: one process, and worker processes."""
+    tmp = tmp_path_factory.mktemp("mtls")
+    with VerifierProcess(
+        f"sqlite:///{tmp / 'v.db'}",
+        "--workers",
+        request.param,
+        "--tls-cert",
+        str(pki.server_cert),
+        "--tls-key",
+        str(pki.server_key),
+        "--client-ca",
+        str(pki.ca),
+        tls=pki.context(pki.client),
+    ) as v:
+        yield v
+
+
+def test_mutual_tls_takes_only_clients_of_the_ca(
+    mtls_verifier: VerifierProcess, pki: PKI, node: SoftwareNode
+) -> None:
+    v = mtls_verifier
+    assert v.base.startswith("https://")
+    with httpx.Client(base_url=v.base, timeout=30, verify=pki.context(pki.client)) as http:
+        assert http.get("/healthz").status_code == 200
+        r = http.put(
+            "/v1/references/default", content=_refs_yaml(node), headers=bearer(OPERATOR_TOKEN)
+        )
+        assert r.status_code in (200, 201), r.text
+    for client in (None, pki.stranger):
+        for _ in range(3):  # new connections (either worker)
+            with (
+                httpx.Client(base_url=v.base, timeout=30, verify=pki.context(client)) as http,
+                pytest.raises(httpx.TransportError),
+            ):
+                http.get("/healthz")
+    with (
+        httpx.Client(base_url=v.base.replace("https", "http"), timeout=30) as plain,
+        pytest.raises(httpx.TransportError),
+    ):
+        plain.get("/healthz")
+    with v.client() as http:  # still serving
+        assert http.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("ca", "words"),
+    [("missing.pem", "no such file"), ("garbage.pem", "not PEM CA certificates")],
+)
+def test_cima_verifier_serve_refuses_a_bad_client_ca(
+    tmp_path: Path, pki: PKI, ca: str, words: str
+) -> None:
+    (tmp_path / "garbage.pem").write_text("not a certificate\n")
+    done = _cli(
+        "serve",
+        "--store",
+        f"sqlite:///{tmp_path / 'v.db'}",
+        "--tls-cert",
+        str(pki.server_cert),
+        "--tls-key",
+        str(pki.server_key),
+        "--client-ca",
+        str(tmp_path / ca),
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"--client-ca {tmp_path / ca}: {words}" in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1
+
+
+def test_client_ca_needs_tls(tmp_path: Path, pki: PKI) -> None:
+    done = _cli("serve", "--store", f"sqlite:///{tmp_path / 'v.db'}", "--client-ca", str(pki.ca))
+    assert done.returncode == 2 and "--client-ca needs --tls-cert" in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1

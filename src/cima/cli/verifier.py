@@ -7,6 +7,12 @@ each with its own listening socket on Linux (``SO_REUSEPORT``: the kernel
 spreads connections over them); the workers share the store as instances do.
 ``openapi`` prints the API's OpenAPI description (the file
 ``docs/verifier-openapi.json`` is its output).
+
+Reference values are stored only with an operator token (``PUT
+/v1/references/NAME`` with ``Authorization: Bearer TOKEN``): the tokens are
+in the file ``--operator-token-file`` names; without it the instance takes
+none (403). ``--client-ca`` makes every connection present a client
+certificate from those CAs (mutual TLS).
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="serve challenges, attestations, reference values and results over HTTP",
         description=(
             "Serve the verifier API (GET /openapi.json describes it). Instances that share "
-            "a PostgreSQL store form one cluster: a nonce from any of them is accepted once."
+            "a PostgreSQL store form one cluster: a nonce from any of them is accepted once. "
+            "Reference values are stored only with an operator token (--operator-token-file)."
         ),
     )
     serve.add_argument(
@@ -60,7 +67,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve.add_argument(
         "--jwt-key",
         metavar="PEM",
-        help="sign every result as a JWT with this private key (EC, RSA or Ed25519 PEM)",
+        help="sign every result as a JWT (ES256) with this private key (EC P-256 PEM)",
     )
     serve.add_argument(
         "--max-body",
@@ -105,8 +112,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "store as instances do, so a nonce is accepted once across all of them"
         ),
     )
+    serve.add_argument(
+        "--operator-token-file",
+        metavar="FILE",
+        help=(
+            "bearer tokens that authorize storing reference values (PUT /v1/references/NAME "
+            "with 'Authorization: Bearer TOKEN'): one a line, each at least 32 printable ASCII "
+            "characters without spaces; blank lines and # comments ignored; several lines let "
+            "a token be rotated; the file must not be readable by others. Without it the "
+            "instance takes no reference values (403 read_only)"
+        ),
+    )
     serve.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate")
     serve.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    serve.add_argument(
+        "--client-ca",
+        metavar="PEM",
+        help=(
+            "mutual TLS: every connection must present a client certificate issued by a CA "
+            "in this file (needs --tls-cert and --tls-key)"
+        ),
+    )
     serve.add_argument(
         "--log-level",
         default="warning",
@@ -153,6 +179,8 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import ssl
+
     import uvicorn
 
     from cima.verifier.service import (
@@ -160,12 +188,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         DEFAULT_REFERENCE,
         DEFAULT_THREADS,
         SETTINGS_VARIABLE,
+        OperatorTokenError,
         ServiceConfig,
         VerifierService,
         create_app,
         instance_name,
         listening_socket,
         load_jwt_key,
+        load_operator_tokens,
         tune_gc,
     )
     from cima.verifier.store import Store, check_name
@@ -183,6 +213,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("--tls-cert and --tls-key go together")
     if args.tls_cert:
         _check_tls(args.tls_cert, args.tls_key)
+    if args.client_ca:
+        if not args.tls_cert:
+            raise UsageError("--client-ca needs --tls-cert and --tls-key: mutual TLS is TLS")
+        _check_client_ca(args.client_ca)
+    operator_tokens: tuple[bytes, ...] = ()
+    if args.operator_token_file:
+        try:
+            operator_tokens = load_operator_tokens(args.operator_token_file)
+        except OperatorTokenError as e:
+            raise UsageError(f"--operator-token-file {e}") from None
     reference = args.reference or DEFAULT_REFERENCE
     try:
         check_name(reference)
@@ -201,6 +241,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         challenge_ttl=timedelta(seconds=args.challenge_ttl),
         default_reference=reference,
         jwt_key=key,
+        operator_tokens=operator_tokens,
         threads=threads,
     )
     level = getattr(logging, args.log_level.upper())
@@ -208,10 +249,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     instance = args.instance or instance_name()
     store = Store(args.store, instance=instance)  # creates the schema, checks the URL
     scheme = "https" if args.tls_cert else "http"
+    writes = (
+        f"reference values from {len(operator_tokens)} operator "
+        f"token{'s' if len(operator_tokens) > 1 else ''}"
+        if operator_tokens
+        else "no reference values taken (no --operator-token-file)"
+    )
     sys.stderr.write(
         f"cima verifier {instance}: store {store.url}, listening on {scheme}://{args.listen}"
-        + (f" ({workers} worker processes)\n" if workers > 1 else "\n")
+        + (" (client certificates required)" if args.client_ca else "")
+        + (f" ({workers} worker processes)" if workers > 1 else "")
+        + f"; {writes}\n"
     )
+    if operator_tokens and not args.tls_cert and not _loopback(host):
+        sys.stderr.write(
+            f"cima verifier: warning: operator tokens cross the network in clear text on "
+            f"{args.listen}: serve HTTPS (--tls-cert, --tls-key)\n"
+        )
     sys.stderr.flush()
     server_options: dict[str, object] = {
         "host": host,
@@ -222,6 +276,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "ssl_keyfile": args.tls_key,
         "server_header": False,
     }
+    if args.client_ca:
+        server_options["ssl_ca_certs"] = str(Path(args.client_ca).resolve())
+        server_options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
     if workers == 1:
         try:
             try:
@@ -243,6 +300,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "store": args.store,
             "instance": instance,
             "jwt_key": str(Path(args.jwt_key).resolve()) if args.jwt_key else None,
+            # The file, not the tokens: each worker reads it (load_operator_tokens).
+            "operator_token_file": (
+                str(Path(args.operator_token_file).resolve()) if args.operator_token_file else None
+            ),
             "max_body": config.max_body,
             "challenge_ttl": args.challenge_ttl,
             "reference": reference,
@@ -270,6 +331,34 @@ def _check_tls(cert: str, key: str) -> None:
         raise UsageError(f"--tls-cert/--tls-key {e.filename}: no such file") from None
     except (ssl.SSLError, OSError) as e:
         raise UsageError(f"--tls-cert {cert}, --tls-key {key}: {e}") from None
+
+
+def _check_client_ca(cafile: str) -> None:
+    """Refuse a ``--client-ca`` file that does not load as CA certificates (before any worker)."""
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=cafile)
+    except FileNotFoundError:
+        raise UsageError(f"--client-ca {cafile}: no such file") from None
+    except ssl.SSLError as e:
+        raise UsageError(
+            f"--client-ca {cafile}: not PEM CA certificates: {e.reason or e}"
+        ) from None
+    except OSError as e:
+        raise UsageError(f"--client-ca {cafile}: cannot read: {e.strerror or e}") from None
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) is this machine's loopback."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def default_workers() -> int:

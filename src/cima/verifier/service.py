@@ -25,6 +25,7 @@ kept in ``docs/verifier-openapi.json``):
     relying party that pins it.
 ``PUT /v1/references/{name}`` (YAML or JSON body), ``GET /v1/references/{name}[?version=V]``
     named, versioned sets of reference values; ``GET /v1/references`` lists them.
+    A PUT is an operator's: see Authorization below.
 ``GET /v1/results[?node=N][&limit=L][&before=ID]``, ``GET /v1/results/{id}``
     stored results, newest first; ``GET /v1/nodes/{node}/results/latest`` a node's newest.
 ``GET /v1/keys``
@@ -32,12 +33,29 @@ kept in ``docs/verifier-openapi.json``):
 ``GET /healthz``
     ``{"status": "ok"}`` when the store answers, 503 otherwise.
 
+Authorization: reference values decide every appraisal, so only an operator
+stores them. ``PUT /v1/references/{name}`` needs ``Authorization: Bearer
+<token>`` with one of the instance's operator tokens
+(``ServiceConfig.operator_tokens``, read by :func:`load_operator_tokens` from
+``cima verifier serve --operator-token-file``; the instance keeps their
+SHA-256 digests only and compares a presented token's digest with every one
+of them). The token is checked before the body is read: a request without
+one, with another scheme (``Basic``) or with a wrong token gets 401
+``unauthorized`` with ``WWW-Authenticate: Bearer realm="cima-verifier"``; an
+instance that has no operator tokens takes no reference values at all: 403
+``read_only``. Either way nothing is stored. Everything else (challenges,
+attestations, reading references, results and keys) is open to whoever
+reaches the service; ``--client-ca`` (mutual TLS) restricts that to clients
+with a certificate.
+
 Errors are ``{"detail": "<one line>", "error": "<code>"}``: 400 unreadable
-body (not JSON, not YAML), 403 nonce unknown, expired or of another session,
-404 no such thing, 409 nonce already used, 413 body over the cap
-(``max_body``, 64 MiB by default), 415 a body type the endpoint does not
-take, 422 a body that decodes but is not valid (the field is named: a missing
-field, a wrong type, an unsupported bundle version), 503 store unavailable.
+body (not JSON, not YAML), 401 no operator token or a wrong one (reference
+writes), 403 nonce unknown, expired or of another session, or a reference
+write on a read-only instance, 404 no such thing, 409 nonce already used, 413
+body over the cap (``max_body``, 64 MiB by default), 415 a body type the
+endpoint does not take, 422 a body that decodes but is not valid (the field is
+named: a missing field, a wrong type, an unsupported bundle version), 503
+store unavailable.
 A refused request changes nothing stored and leaves its nonce usable: a
 nonce is spent in the transaction that stores its attestation's result (an
 appraisal that finds the evidence bad is a result too, ``contraindicated``).
@@ -67,11 +85,13 @@ import base64
 import contextlib
 import gc
 import hashlib
+import hmac
 import json
 import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -79,7 +99,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -87,11 +107,12 @@ import orjson
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from cima.errors import CimaError, ParseError, UnsupportedFormatError
@@ -117,13 +138,18 @@ __all__ = [
     "DEFAULT_MAX_BODY",
     "DEFAULT_REFERENCE",
     "DEFAULT_THREADS",
+    "MIN_OPERATOR_TOKEN",
+    "OPERATOR_REALM",
     "Appraisal",
+    "OperatorTokenError",
     "ServiceConfig",
     "ServiceError",
     "VerifierService",
     "create_app",
     "load_jwt_key",
+    "load_operator_tokens",
     "openapi_document",
+    "operator_token_digest",
 ]
 
 log = logging.getLogger("cima.verifier")
@@ -146,11 +172,17 @@ YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yam
 
 
 class ServiceError(CimaError):
-    """A request the service refuses: an HTTP status, a short code and a one-line reason."""
+    """A request the service refuses: an HTTP status, a short code and a one-line reason.
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    ``headers``: response headers that go with the refusal (``WWW-Authenticate`` on a 401).
+    """
+
+    def __init__(
+        self, status: int, code: str, message: str, *, headers: Mapping[str, str] | None = None
+    ) -> None:
         self.status = status
         self.code = code
+        self.headers = dict(headers or {})
         super().__init__(message)
 
 
@@ -264,6 +296,111 @@ class TokenSigner:
         return token
 
 
+# -- operator tokens -----------------------------------------------------------------------------
+
+#: The shortest operator token accepted (characters; 32 random ones are far beyond guessing).
+MIN_OPERATOR_TOKEN = 32
+#: The realm of the ``WWW-Authenticate`` challenge that goes with a 401.
+OPERATOR_REALM = "cima-verifier"
+#: The largest operator token file read.
+_MAX_TOKEN_FILE = 1024 * 1024
+
+
+class OperatorTokenError(CimaError):
+    """An operator token file that cannot be used (the message names the file, and the line)."""
+
+
+def operator_token_digest(token: str) -> bytes:
+    """The SHA-256 digest of an operator token: what an instance keeps of it."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
+def load_operator_tokens(path: str | os.PathLike[str]) -> tuple[bytes, ...]:
+    """The digests (:func:`operator_token_digest`) of the operator tokens in file ``path``.
+
+    One token a line; blank lines and lines that start with ``#`` are
+    ignored, and several tokens are all valid (to rotate one: add the new
+    token, hand it out, remove the old one). A token is at least
+    :data:`MIN_OPERATOR_TOKEN` characters of printable ASCII without spaces.
+    The file must not be readable by others (as ssh refuses such a key).
+    Any problem raises :class:`OperatorTokenError` naming the file and,
+    for a bad token, its line; no message ever shows a token.
+    """
+    name = os.fspath(path)
+    try:
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise OperatorTokenError(f"{name}: no such file") from None
+    except OSError as e:
+        raise OperatorTokenError(f"{name}: cannot read: {e.strerror or e}") from None
+    try:  # the mode and the content of one open file
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OperatorTokenError(f"{name}: not a regular file")
+        if mode & 0o004:
+            raise OperatorTokenError(
+                f"{name}: readable by others (mode {stat.S_IMODE(mode):04o}): "
+                f"the operator tokens must be private (chmod o-rwx {name})"
+            )
+        chunks: list[bytes] = []
+        size = 0
+        while size <= _MAX_TOKEN_FILE and (chunk := os.read(fd, 65536)):
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise OperatorTokenError(f"{name}: cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > _MAX_TOKEN_FILE:
+        raise OperatorTokenError(f"{name}: larger than {_MAX_TOKEN_FILE} bytes")
+    digests: list[bytes] = []
+    for number, raw in enumerate(data.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith(b"#"):
+            continue
+        if any(not 0x21 <= b <= 0x7E for b in line):
+            raise OperatorTokenError(
+                f"{name}: line {number}: a token is printable ASCII without spaces"
+            )
+        if len(line) < MIN_OPERATOR_TOKEN:
+            raise OperatorTokenError(
+                f"{name}: line {number}: a token is at least {MIN_OPERATOR_TOKEN} characters, "
+                f"this one has {len(line)}"
+            )
+        digest = operator_token_digest(line.decode("ascii"))
+        if digest not in digests:
+            digests.append(digest)
+    if not digests:
+        raise OperatorTokenError(
+            f"{name}: no operator token (one a line; blank lines and lines starting with # "
+            "are ignored)"
+        )
+    return tuple(digests)
+
+
+#: The operator token as a request carries it: the security scheme of reference writes.
+#: It only reads the header (None when there is no bearer token); :meth:`VerifierService.
+#: authorize_operator` decides, and the service answers with its own 401 and 403.
+_OPERATOR_BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="operatorToken",
+    description=(
+        "An operator token of the instance (cima verifier serve --operator-token-file): "
+        "storing reference values takes one."
+    ),
+)
+
+
+def _unauthorized(message: str) -> ServiceError:
+    return ServiceError(
+        401,
+        "unauthorized",
+        message,
+        headers={"WWW-Authenticate": f'Bearer realm="{OPERATOR_REALM}"'},
+    )
+
+
 # -- the service (no HTTP) ------------------------------------------------------------------------
 
 
@@ -275,6 +412,10 @@ class ServiceConfig:
     challenge_ttl: timedelta = timedelta(minutes=5)
     default_reference: str = DEFAULT_REFERENCE
     jwt_key: ec.EllipticCurvePrivateKey | None = None
+    operator_tokens: tuple[bytes, ...] = ()
+    """SHA-256 digests of the tokens that authorize reference writes (:func:`load_operator_tokens`).
+
+    Empty: the instance takes no reference values (403 ``read_only``)."""
     threads: int = DEFAULT_THREADS
     """Threads for the store's work (0: on the event loop, the work running to completion).
 
@@ -345,6 +486,37 @@ class VerifierService:
             log.warning("purging expired challenges failed: %s", e)
 
     # -- references ----------------------------------------------------------------------------
+    def authorize_operator(self, token: str | None) -> int:
+        """Refuse a reference write unless ``token`` is an operator token of this instance.
+
+        403 ``read_only`` when the instance has no operator tokens; 401
+        ``unauthorized`` when ``token`` is None (no bearer token) or none of
+        them. The presented token's digest is compared with every configured
+        digest (:func:`hmac.compare_digest`), whichever matches. Returns which
+        token it is (1: the first of the file).
+        """
+        digests = self.config.operator_tokens
+        if not digests:
+            raise ServiceError(
+                403,
+                "read_only",
+                "this instance takes no reference values: it was started without "
+                "--operator-token-file",
+            )
+        if token is None:
+            raise _unauthorized(
+                "storing reference values takes an operator token: send Authorization: Bearer "
+                "<token>"
+            )
+        presented = operator_token_digest(token)
+        found = 0
+        for i, digest in enumerate(digests, start=1):
+            if hmac.compare_digest(presented, digest) and not found:
+                found = i
+        if not found:
+            raise _unauthorized("the bearer token is not an operator token of this instance")
+        return found
+
     def put_reference(
         self, name: str, body: bytes, media_type: str | None
     ) -> tuple[ReferenceRecord, bool]:
@@ -691,11 +863,14 @@ def app_from_environment() -> FastAPI:
     if settings.get("jwt_key"):
         with open(settings["jwt_key"], "rb") as f:
             key = load_jwt_key(f.read())
+    # The file's path, not its tokens, is in the environment: each worker reads the file.
+    token_file = settings.get("operator_token_file")
     config = ServiceConfig(
         max_body=int(settings["max_body"]),
         challenge_ttl=timedelta(seconds=float(settings["challenge_ttl"])),
         default_reference=str(settings["reference"]),
         jwt_key=key,
+        operator_tokens=load_operator_tokens(token_file) if token_file else (),
         threads=int(settings["threads"]),
     )
     store = Store(str(settings["store"]), instance=f"{settings['instance']}/{os.getpid()}")
@@ -760,6 +935,11 @@ def serve_worker(
     """
     import uvicorn
 
+    # A spawned process starts with logging unconfigured: as the instance's process does.
+    logging.basicConfig(
+        level=getattr(logging, str(options.get("log_level", "warning")).upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         sock = listening_socket(host, port, reuse_port=True)
         config = uvicorn.Config(app_from_environment(), **options)
@@ -945,7 +1125,9 @@ def create_app(service: VerifierService | None, *, close_store: bool = False) ->
 
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, e: ServiceError) -> JSONResponse:
-        return _JSON({"detail": str(e), "error": e.code}, status_code=e.status)
+        return _JSON(
+            {"detail": str(e), "error": e.code}, status_code=e.status, headers=e.headers or None
+        )
 
     @app.exception_handler(NotFoundError)
     async def _not_found(_request: Request, e: NotFoundError) -> JSONResponse:
@@ -967,6 +1149,25 @@ def create_app(service: VerifierService | None, *, close_store: bool = False) ->
             {"detail": "; ".join(parts) or "invalid request", "error": "invalid-request"},
             status_code=422,
         )
+
+    async def operator(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_OPERATOR_BEARER)],
+    ) -> None:
+        """The request is an operator's (401, 403 otherwise), before its body is read.
+
+        It runs before the route's parameters are checked and its body read: a
+        request that is not an operator's costs no more than its headers.
+        """
+        name = request.path_params.get("name")
+        token = None if credentials is None else credentials.credentials
+        try:
+            which = svc().authorize_operator(token)
+        except ServiceError as e:
+            client = request.client.host if request.client is not None else "-"
+            log.warning("reference write to %.200r from %s refused: %s", name, client, e)
+            raise
+        log.info("reference write to %.200r with operator token %d", name, which)
 
     async def read_body(request: Request) -> bytes:
         # _BodyCap (below) refuses a body over the cap, declared or streamed.
@@ -1039,8 +1240,27 @@ def create_app(service: VerifierService | None, *, close_store: bool = False) ->
     @app.put(
         "/v1/references/{name}",
         response_model=Reference,
-        responses={**errors, 201: {"model": Reference, "description": "A new version."}},
+        responses={
+            **errors,
+            201: {"model": Reference, "description": "A new version."},
+            401: {
+                "model": ErrorResponse,
+                "description": "No operator token (no Authorization: Bearer), or a wrong one.",
+                "headers": {
+                    "WWW-Authenticate": {
+                        "description": f'Bearer realm="{OPERATOR_REALM}"',
+                        "schema": {"type": "string"},
+                    }
+                },
+            },
+            403: {
+                "model": ErrorResponse,
+                "description": "The instance takes no reference values (read_only): it has no "
+                "operator tokens.",
+            },
+        },
         tags=["references"],
+        dependencies=[Depends(operator)],
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -1055,7 +1275,12 @@ def create_app(service: VerifierService | None, *, close_store: bool = False) ->
     async def put_reference(
         request: Request, name: str = PathParam(max_length=200)
     ) -> JSONResponse:
-        """Store reference values as the next version of set `name` (200 if unchanged)."""
+        """Store reference values as the next version of set `name` (200 if unchanged).
+
+        Operators only: `Authorization: Bearer <operator token>`, checked before the body
+        is read (401 without one or with a wrong one; 403 on an instance without operator
+        tokens). A refused request stores nothing.
+        """
         body = await read_body(request)
         media_type = request.headers.get("content-type")
         record, new = await blocking(lambda: svc().put_reference(name, body, media_type))
