@@ -8,6 +8,7 @@ trailers itself.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 from collections.abc import Iterator
@@ -393,3 +394,63 @@ def test_pieces_that_do_not_add_up_reset_the_call(
     assert agent.server.answered["INTERNAL"] >= 1
     monkeypatch.undo()
     assert _evidence(raw, b"n").status == 0
+
+
+# -- handlers run eagerly, then resumed ------------------------------------------------------------
+
+
+def _eager(coro: Any) -> Any:
+    """Run ``coro`` up to its first suspension, as the processor does, and resume it in a task."""
+    from cima.agent.rpc import _resume
+
+    first = coro.send(None)
+
+    async def finish() -> Any:
+        return await _resume(coro, first)
+
+    return asyncio.get_running_loop().create_task(finish())
+
+
+def test_an_error_of_the_first_awaited_future_reaches_the_handler() -> None:
+    """The handler's own ``try`` around its first await sees the future's exception."""
+
+    def boom() -> None:
+        raise ValueError("from the worker thread")
+
+    async def handler() -> str:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, boom)
+        except ValueError as e:
+            await asyncio.sleep(0)  # and it may await again afterwards
+            return f"handled: {e}"
+        return "not raised"
+
+    async def main() -> str:
+        result: str = await _eager(handler())
+        return result
+
+    assert asyncio.run(main()) == "handled: from the worker thread"
+
+
+def test_a_cancelled_call_cancels_the_handler_at_its_await() -> None:
+    seen: list[str] = []
+
+    async def handler() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+        finally:
+            seen.append("finally")
+
+    async def main() -> None:
+        task = _eager(handler())
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert seen == ["cancelled", "finally"]

@@ -37,7 +37,7 @@ import struct
 import types
 from collections.abc import Callable, Coroutine, Generator, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from google.protobuf.message import DecodeError, Message
 from grpclib.const import Status
@@ -145,15 +145,25 @@ def _resume(coro: Coroutine[Any, Any, _R], first: Any) -> Generator[Any, Any, _R
     """Go on with a coroutine that ran up to its first suspension (which yielded ``first``).
 
     The task that runs this generator sees ``first`` as if the coroutine had
-    yielded it to the task itself; then the coroutine is delegated to. A
-    cancellation while ``first`` is pending closes the coroutine.
+    yielded it to the task itself; then the coroutine is delegated to. What the
+    task throws in while ``first`` is pending (the awaited future's exception, a
+    cancellation) is thrown into the coroutine at its await, as asyncio does, so
+    the handler's own ``try`` sees it.
     """
-    try:
-        yield first
-    except BaseException:
-        coro.close()
-        raise
-    return (yield from coro.__await__())
+    value = first
+    while True:
+        try:
+            yield value
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as e:
+            try:
+                value = coro.throw(e)
+            except StopIteration as done:
+                return cast(_R, done.value)
+            continue
+        return (yield from coro.__await__())
 
 
 class UnaryProcessor(EventsProcessor):
