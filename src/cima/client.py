@@ -14,6 +14,14 @@ talks to the agent over its Unix socket (default ``/run/cima/cima.sock``, or
         report = agent.get_cc_report(nonce, user_data)       # AgentReport
         bundle = agent.get_evidence(nonce, user_data)        # EvidenceBundle
 
+On a TPM, a host process (the node view) enrolls the node with a verifier: the
+verifier trusts the attestation key through the endorsement key's certificate, and
+makes a credential (TPM2_MakeCredential) for the AK's name, encrypted to the EK, whose
+secret only this TPM recovers::
+
+        enrollment = agent.get_enrollment()                  # Enrollment
+        secret = agent.activate_credential(blob, encrypted_secret)
+
 The agent decides what the caller may see from the kernel's account of who is
 connecting, never from anything the client sends: a container gets its own
 view (other containers' events redacted to their digests). Registers are named
@@ -32,7 +40,7 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -47,12 +55,16 @@ from cima.evidence.bundle import EvidenceBundle
 from cima.evidence.reportdata import SCOPED_BINDING_TAG
 from cima.registers import RegisterBank, RegisterValue, cc_name, pcr_name
 
+if TYPE_CHECKING:
+    from cima.evidence.tpm import PublicArea
+
 __all__ = [
     "DEFAULT_SOCKET",
     "LOGS",
     "AgentError",
     "AgentReport",
     "CimaClient",
+    "Enrollment",
     "EventLogPage",
     "default_socket",
 ]
@@ -114,6 +126,36 @@ class AgentReport:
         if self.batch is None and self.scope == "node":
             return b""
         return SCOPED_BINDING_TAG
+
+
+@dataclass(frozen=True, slots=True)
+class Enrollment:
+    """What a verifier enrolls a TPM node with (the agent's GetEnrollment).
+
+    ``ek_public`` and ``ak_public`` are TPM2B_PUBLIC as the TPM marshals them,
+    ``ak_name`` the AK's TPM name (what a credential is made for),
+    ``ek_certificate`` the EK certificate in DER (None when the TPM has none).
+    """
+
+    platform: str
+    ek_public: bytes
+    ek_certificate: bytes | None
+    ak_public: bytes
+    ak_name: bytes
+
+    @property
+    def ek(self) -> PublicArea:
+        """The EK's public area, decoded."""
+        from cima.evidence.tpm import PublicArea
+
+        return PublicArea.from_bytes(self.ek_public)
+
+    @property
+    def ak(self) -> PublicArea:
+        """The AK's public area, decoded."""
+        from cima.evidence.tpm import PublicArea
+
+        return PublicArea.from_bytes(self.ak_public)
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +379,31 @@ class CimaClient:
         """The evidence bundle exactly as the agent sent it (JSON bytes)."""
         request = self._pb.GetEvidenceRequest(nonce=nonce, user_data=user_data)
         return bytes(self._call("GetEvidence", self._agent, request).bundle)
+
+    # -- enrollment (a TPM node, host processes only) -------------------------------------------
+    def get_enrollment(self) -> Enrollment:
+        """The TPM's endorsement key and certificate, and the attestation key and its name."""
+        r = self._call("GetEnrollment", self._agent, self._pb.GetEnrollmentRequest())
+        return Enrollment(
+            platform=r.platform,
+            ek_public=bytes(r.ek_public),
+            ek_certificate=bytes(r.ek_certificate) or None,
+            ak_public=bytes(r.ak_public),
+            ak_name=bytes(r.ak_name),
+        )
+
+    def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes:
+        """The secret of a credential made for the AK's name and encrypted to the EK.
+
+        ``credential_blob`` (TPM2B_ID_OBJECT) and ``encrypted_secret``
+        (TPM2B_ENCRYPTED_SECRET) are TPM2_MakeCredential's outputs, marshalled with
+        their size prefix. A credential this TPM does not activate is an
+        :class:`AgentError` with code ``FAILED_PRECONDITION``.
+        """
+        request = self._pb.ActivateCredentialRequest(
+            credential_blob=credential_blob, encrypted_secret=encrypted_secret
+        )
+        return bytes(self._call("ActivateCredential", self._agent, request).secret)
 
 
 def algorithm_name(value: str | int) -> str:

@@ -9,7 +9,21 @@ thread:
   GetMeasurementCount, GetCcMeasurement, GetCcEventlog, GetCcReport;
 - ``cima.v1.Agent``, the native API (``cima/_proto/cima/agent.proto``): register
   names, paged CEL-JSON event logs, reports with their batching proof and whole
-  evidence bundles.
+  evidence bundles; and, on a TPM, enrollment (GetEnrollment, ActivateCredential).
+
+Enrollment
+----------
+A verifier trusts the node's attestation key (AK) through the TPM's endorsement key
+(EK) certificate: GetEnrollment answers the EK's and the AK's public areas, the AK's
+name and the EK certificate; the verifier makes a credential (TPM2_MakeCredential)
+bound to the AK's name and encrypted to the EK, and ActivateCredential returns its
+secret, which the TPM releases only when that AK is loaded in the same TPM as that EK
+(:meth:`cima.platform.tpm.TPMPlatform.activate_credential`). Both are for host
+processes with the node view only (a container, or a host process without the node
+view, gets PERMISSION_DENIED). The credential blob and the encrypted secret are
+marshalled TPM2B structures (size prefix included) of at most
+:data:`MAX_CREDENTIAL_FIELD` bytes each. A platform without an EK (software, TDX)
+answers FAILED_PRECONDITION, and so does a credential the TPM does not activate.
 
 Who is calling
 --------------
@@ -68,9 +82,11 @@ Errors
 Bad input is INVALID_ARGUMENT (unknown register, index, algorithm or log,
 oversized nonce or user data, malformed or oversized request message),
 OUT_OF_RANGE (an event log page starting past the end), PERMISSION_DENIED
-(another container named), UNAUTHENTICATED (a caller the kernel could not
-identify), FAILED_PRECONDITION (an unproven journal), UNAVAILABLE (the platform
-failed). One caller's bad request never affects the others.
+(another container named, or enrollment asked for without the node view),
+UNAUTHENTICATED (a caller the kernel could not identify), FAILED_PRECONDITION (an
+unproven journal, enrollment on a platform without an endorsement key, a credential
+that does not activate), UNAVAILABLE (the platform failed). One caller's bad
+request never affects the others.
 """
 
 from __future__ import annotations
@@ -93,7 +109,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 from google.protobuf.message import DecodeError, Message
 from grpclib.const import Status
@@ -145,8 +161,14 @@ from cima.evidence.reportdata import SCOPED_BINDING_TAG, container_binding, is_r
 from cima.platform.base import Platform, Report
 from cima.registers import RegisterBank, RegisterValue, cc_index, cc_name, pcr_index, pcr_name
 
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from cima.evidence.tpm import PublicArea
+
 __all__ = [
     "DEFAULT_SOCKET",
+    "MAX_CREDENTIAL_FIELD",
     "RUNTIME_EVENT_TYPE",
     "AgentServer",
     "AgentSource",
@@ -165,6 +187,8 @@ DEFAULT_PAGE = 1000
 MAX_PAGE = 10_000
 #: The largest request message read (requests are a few hundred bytes at most).
 MAX_REQUEST = 16 * 1024
+#: The largest credential blob, and the largest encrypted secret, ActivateCredential takes.
+MAX_CREDENTIAL_FIELD = 1024
 #: How long a report request waits for others to share its quote.
 BATCH_WINDOW = 0.002
 #: The most requests one quote serves.
@@ -206,6 +230,21 @@ class AgentSource(Protocol):
     def ima_entries(self) -> Sequence[IMAEntry]: ...
 
 
+@runtime_checkable
+class _Endorsed(Protocol):
+    """A platform with an endorsement key (:class:`cima.platform.tpm.TPMPlatform`)."""
+
+    name: str
+
+    def ek_public(self) -> PublicArea: ...
+
+    def ek_certificate(self) -> x509.Certificate | None: ...
+
+    def ak_public(self) -> PublicArea: ...
+
+    def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes: ...
+
+
 # -- index numbering of the CIMA-compatible service ----------------------------------------
 
 
@@ -240,6 +279,10 @@ class _OutOfRange(CimaError, ValueError):
     """A page that starts past the end of a log."""
 
 
+class _Precondition(CimaError):
+    """The node is not in a state that can serve the request (a platform without an EK)."""
+
+
 def _status_of(e: BaseException) -> tuple[Status, str]:
     if isinstance(e, GRPCError):
         return e.status, e.message or ""
@@ -255,6 +298,8 @@ def _status_of(e: BaseException) -> tuple[Status, str]:
         return Status.INVALID_ARGUMENT, str(e)
     if isinstance(e, JournalError):
         return Status.FAILED_PRECONDITION, f"the runtime journal does not prove the register: {e}"
+    if isinstance(e, _Precondition):
+        return Status.FAILED_PRECONDITION, str(e)
     if isinstance(e, PlatformError):
         return Status.UNAVAILABLE, f"the platform failed: {e}"
     log.error("internal error serving a request", exc_info=e)
@@ -1095,6 +1140,8 @@ class NativeService(_Service, agent_grpc.AgentBase):  # type: ignore[misc]
         "GetEventLog": "_eventlog",
         "GetReport": "_report",
         "GetEvidence": "_evidence",
+        "GetEnrollment": "_enrollment",
+        "ActivateCredential": "_activate",
     }
 
     async def Info(self, stream: Any) -> None:
@@ -1114,6 +1161,12 @@ class NativeService(_Service, agent_grpc.AgentBase):  # type: ignore[misc]
 
     async def GetEvidence(self, stream: Any) -> None:
         await self._serve(stream, agent_pb2.GetEvidenceRequest, self._evidence)
+
+    async def GetEnrollment(self, stream: Any) -> None:
+        await self._serve(stream, agent_pb2.GetEnrollmentRequest, self._enrollment)
+
+    async def ActivateCredential(self, stream: Any) -> None:
+        await self._serve(stream, agent_pb2.ActivateCredentialRequest, self._activate)
 
     async def _info(self, identity: _Identity, request: Any) -> Message:
         core = self.core
@@ -1240,6 +1293,87 @@ class NativeService(_Service, agent_grpc.AgentBase):  # type: ignore[misc]
         size, pieces = await loop.run_in_executor(core.executor, core.bundle_json, attested)
         # Field 1 (bundle) of GetEvidenceResponse, its pieces encoded as they are sent.
         return Serialized.field(agent_pb2.GetEvidenceResponse, 1, pieces(), size=size)
+
+    # -- enrollment (see the module docstring) --------------------------------------------------
+    def _endorsed(self, identity: _Identity, what: str) -> _Endorsed:
+        """The platform, for a caller with the node view on a platform with an EK."""
+        core = self.core
+        view = core.view(identity)
+        if view.scope != NODE:
+            raise _Denied(f"{what} is for host processes with the node view, not for a container")
+        if not view.full:
+            raise _Denied(
+                f"{what} is for host processes with the node view, which this agent "
+                "does not give (node view not allowed)"
+            )
+        platform = core.platform
+        if not isinstance(platform, _Endorsed):
+            raise _Precondition(f"the {platform.name} platform has no endorsement key")
+        return platform
+
+    async def _enrollment(self, identity: _Identity, request: Any) -> Message:
+        platform = self._endorsed(identity, "GetEnrollment")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.core.executor, _enrollment_of, platform)
+
+    async def _activate(self, identity: _Identity, request: Any) -> Message:
+        platform = self._endorsed(identity, "ActivateCredential")
+        blob = _tpm2b_field(request.credential_blob, "credential_blob", "TPM2B_ID_OBJECT")
+        secret = _tpm2b_field(
+            request.encrypted_secret, "encrypted_secret", "TPM2B_ENCRYPTED_SECRET"
+        )
+        loop = asyncio.get_running_loop()
+        credential = await loop.run_in_executor(
+            self.core.executor, _activate_on, platform, blob, secret
+        )
+        return agent_pb2.ActivateCredentialResponse(secret=credential)
+
+
+def _marshalled(area: PublicArea) -> bytes:
+    """A public area as the TPM marshals it: TPM2B_PUBLIC (the TPMT_PUBLIC as received)."""
+    return struct.pack(">H", len(area.raw)) + area.raw
+
+
+def _enrollment_of(platform: _Endorsed) -> Message:
+    """GetEnrollment's answer (blocking: the first call creates the EK and reads NV)."""
+    from cryptography.hazmat.primitives import serialization
+
+    ek = platform.ek_public()
+    ak = platform.ak_public()
+    cert = platform.ek_certificate()
+    return agent_pb2.GetEnrollmentResponse(
+        ek_public=_marshalled(ek),
+        ek_certificate=b"" if cert is None else cert.public_bytes(serialization.Encoding.DER),
+        ak_public=_marshalled(ak),
+        ak_name=ak.name,
+        platform=platform.name,
+    )
+
+
+def _activate_on(platform: _Endorsed, blob: bytes, secret: bytes) -> bytes:
+    """ActivateCredential on the platform (blocking); a refused credential is a precondition.
+
+    The error is turned into a status here, in the worker thread: a handler's
+    coroutine does not see the exception of the first thing it awaits when that
+    is answered on the fast path (:func:`cima.agent.rpc._resume`).
+    """
+    from cima.platform.tpm import CredentialError  # only a TPM activates credentials
+
+    try:
+        return platform.activate_credential(blob, secret)
+    except CredentialError as e:
+        raise _Precondition(str(e)) from None
+
+
+def _tpm2b_field(value: bytes, field: str, kind: str) -> bytes:
+    """A request field that must be one marshalled TPM2B (size prefix included), small."""
+    if len(value) > MAX_CREDENTIAL_FIELD:
+        raise _BadRequest(f"{field} is {len(value)} bytes, at most {MAX_CREDENTIAL_FIELD}")
+    if len(value) < 2 or int.from_bytes(value[:2], "big") != len(value) - 2:
+        raise _BadRequest(
+            f"{field} is not a marshalled {kind} (a 2-byte size, then that many bytes)"
+        )
+    return bytes(value)
 
 
 # -- the server ------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ kernel's resource manager device (``/dev/tpmrm0``).
 Attestation key (AK). A restricted signing key, ECC NIST P-256 with ECDSA/SHA-256
 or RSA-2048 with RSASSA/SHA-256, created as a child of the endorsement key: the
 EK is created from the TCG EK Credential Profile template (the template and nonce
-in NV are honoured, as tpm2-tools does), and because the EK's policy is
+in NV are honoured, as tpm2-tools does), and because a low-range EK's policy is
 PolicySecret(TPM_RH_ENDORSEMENT), creating and loading its child each go through
 a fresh policy session satisfied with the endorsement hierarchy's authorisation
 (empty on swtpm and on most machines). The AK is made persistent with
@@ -17,6 +17,22 @@ for endorsement-hierarchy keys, next to the EK's ``0x81010001``) so that it
 survives restarts and a verifier can register it once. An existing key at that
 handle is reused when it is a restricted signing key of the requested type;
 anything else there is an error (it is never evicted).
+
+Endorsement key (EK). Of the EK kinds of ``ek_type`` (RSA: the low-range RSA-2048
+template, then the high-range one; ECC: low-range P-256, then high-range P-256 and
+P-384), the platform uses the first whose certificate is in NV, or the low-range one
+when the TPM has no certificate of that type: the EK is always the key of the
+certificate :meth:`TPMPlatform.ek_certificate` returns (swtpm, for one, certifies a
+high-range P-384 ECC EK and no low-range one). A low-range EK (userWithAuth clear)
+is used through the PolicySecret session above; a high-range one has userWithAuth
+set and is used with its (empty) authorisation value.
+
+Credential activation (enrollment). A verifier that trusts the EK certificate makes a
+credential (TPM2_MakeCredential) bound to the AK's name and encrypted to the EK;
+:meth:`TPMPlatform.activate_credential` recovers its secret with
+TPM2_ActivateCredential, which the TPM performs only when the key of that name is
+loaded in the same TPM as the EK. A credential the TPM refuses (made for another key
+or another EK, or altered) is a :class:`CredentialError`.
 
 No transient objects are left behind: swtpm and ``/dev/tpm0`` have no resource
 manager, and every created or loaded object and every session is flushed in a
@@ -96,6 +112,11 @@ _TPM_PT_VENDOR_STRING_1 = 0x106
 _TPM_PT_FIRMWARE_VERSION_1 = 0x10B
 _TPM_PT_FIRMWARE_VERSION_2 = 0x10C
 _TPM_PT_NV_BUFFER_MAX = 0x12C
+
+
+class CredentialError(PlatformError):
+    """A credential this TPM does not activate: made for another key or EK, altered, or
+    not a marshalled TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET."""
 
 
 def resolve_tcti(tcti: str | None = None, paths: PlatformPaths | None = None) -> str:
@@ -179,6 +200,8 @@ class TPMPlatform(Platform):
         self._ak_tr: Any = None
         self._ak_public: PublicArea | None = None
         self._ek_cert: tuple[bytes | None] | None = None
+        self._ek_kind: str | None = None
+        self._ek_public: PublicArea | None = None
         self._keys: tuple[PublicArea, dict[str, str]] | None = None
         self._banks: list[str] = []
         self._connect()
@@ -445,14 +468,19 @@ class TPMPlatform(Platform):
 
     def _ek_certificate_der(self) -> bytes | None:
         if self._ek_cert is None:
-            found: bytes | None = None
-            for kind in _EK_CHOICES[self.ek_type]:
-                raw = self._nv_read(EK_CERT_INDICES[kind])
-                if raw is not None:
-                    found = _trim_der(raw)
-                    break
-            self._ek_cert = (found,)
+            raw = self._nv_read(EK_CERT_INDICES[self._ek_choice()])
+            self._ek_cert = (None if raw is None else _trim_der(raw),)
         return self._ek_cert[0]
+
+    def _ek_choice(self) -> str:
+        """The EK kind in use: the first of ``ek_type`` with a certificate, else the low range."""
+        if self._ek_kind is None:
+            choices = _EK_CHOICES[self.ek_type]
+            defined = set(self.handles("nv"))
+            self._ek_kind = next(
+                (kind for kind in choices if EK_CERT_INDICES[kind] in defined), choices[0]
+            )
+        return self._ek_kind
 
     def _ek_template(self) -> Any:
         from tpm2_pytss.utils import NoSuchIndex, create_ek_template
@@ -463,14 +491,20 @@ class TPMPlatform(Platform):
                 raise NoSuchIndex(int(index))
             return data
 
-        last: Exception | None = None
-        for kind in _EK_CHOICES[self.ek_type]:
-            try:
-                _, template = create_ek_template(kind, nv_read)
-                return template
-            except ValueError as e:  # a high-range EK without a certificate
-                last = e
-        raise PlatformError(f"no usable {self.ek_type} EK template: {last}")
+        kind = self._ek_choice()
+        try:
+            _, template = create_ek_template(kind, nv_read)
+        except ValueError as e:  # a high-range EK whose certificate went away
+            raise PlatformError(f"no usable {kind} EK template: {e}") from e
+        return template
+
+    def _ek_session(self, e: Any, template: Any) -> Any:
+        """What authorises the use of the EK: a policy session (low range, to be flushed) or
+        None, meaning its empty authorisation value (high range: userWithAuth set)."""
+        attributes = int(template.publicArea.objectAttributes)
+        if attributes & int(self._tss.TPMA_OBJECT.USERWITHAUTH):
+            return None
+        return self._policy_session(e)
 
     def _policy_session(self, e: Any) -> Any:
         """A policy session satisfying the EK's PolicySecret(TPM_RH_ENDORSEMENT)."""
@@ -497,11 +531,13 @@ class TPMPlatform(Platform):
             ek = ak = session = None
             try:
                 ek, *_ = e.create_primary(None, template, tss.ESYS_TR.ENDORSEMENT)
-                session = self._policy_session(e)
-                private, public, *_ = e.create(ek, None, ak_public, session1=session)
+                session = self._ek_session(e, template)
+                private, public, *_ = e.create(
+                    ek, None, ak_public, session1=_or_password(tss, session)
+                )
                 self._flush(e, session)
-                session = self._policy_session(e)
-                ak = e.load(ek, private, public, session1=session)
+                session = self._ek_session(e, template)
+                ak = e.load(ek, private, public, session1=_or_password(tss, session))
                 self._flush(e, session)
                 session = None
                 self._ak_tr = e.evict_control(tss.ESYS_TR.OWNER, ak, self.ak_handle)
@@ -547,6 +583,63 @@ class TPMPlatform(Platform):
 
     def ak_pem(self) -> str:
         return self.ak_public().to_pem().decode()
+
+    def ek_public(self) -> PublicArea:
+        """The public area of the EK this platform uses (the key of :meth:`ek_certificate`).
+
+        The EK is created from its template under the endorsement hierarchy (the TPM
+        derives the same key every time), read, and flushed; the result is kept.
+        """
+        if self._ek_public is None:
+            tss = self._tss
+            template = self._ek_template()
+            with self._call("creating the endorsement key") as e:
+                ek = None
+                try:
+                    ek, public, *_ = e.create_primary(None, template, tss.ESYS_TR.ENDORSEMENT)
+                finally:
+                    self._flush(e, ek)
+            self._ek_public = PublicArea.from_bytes(bytes(public.marshal()))
+        return self._ek_public
+
+    def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes:
+        """The secret of a credential made for the AK and this TPM's EK (TPM2_ActivateCredential).
+
+        ``credential_blob`` is a marshalled TPM2B_ID_OBJECT and ``encrypted_secret`` a
+        marshalled TPM2B_ENCRYPTED_SECRET, both with their size prefix (the output of
+        TPM2_MakeCredential). The TPM decrypts the seed with the EK and checks the
+        credential's integrity against the name of the persistent AK: a credential
+        made for another key or another EK, or altered, is a :class:`CredentialError`.
+        """
+        tss = self._tss
+        blob = _unmarshal(tss.TPM2B_ID_OBJECT, credential_blob, "credential blob")
+        secret = _unmarshal(tss.TPM2B_ENCRYPTED_SECRET, encrypted_secret, "encrypted secret")
+        ak = self._load_ak()
+        template = self._ek_template()
+        with self._call("ActivateCredential") as e:
+            ek = session = None
+            try:
+                ek, *_ = e.create_primary(None, template, tss.ESYS_TR.ENDORSEMENT)
+                session = self._ek_session(e, template)
+                try:
+                    credential = e.activate_credential(
+                        ak,
+                        ek,
+                        blob,
+                        secret,
+                        session1=tss.ESYS_TR.PASSWORD,
+                        session2=_or_password(tss, session),
+                    )
+                except tss.TSS2_Exception as err:
+                    if not _is_tpm_error(int(err.rc)):
+                        raise
+                    raise CredentialError(
+                        "the credential does not activate on this TPM (it was made for another "
+                        f"key or another endorsement key, or altered): {err} (rc 0x{int(err.rc):x})"
+                    ) from err
+            finally:
+                self._flush(e, session, ek)
+        return bytes(credential)
 
     # -- report -----------------------------------------------------------------------------------
     def _verification_keys(self, area: PublicArea) -> dict[str, str]:
@@ -612,6 +705,39 @@ class TPMPlatform(Platform):
             user_data=bytes(user_data),
             verification=verification,
         )
+
+
+def _or_password(tss: Any, session: Any) -> Any:
+    """``session``, or the password session (empty authorisation value) when None."""
+    return tss.ESYS_TR.PASSWORD if session is None else session
+
+
+def _unmarshal(kind: Any, data: bytes, what: str) -> Any:
+    """A size-prefixed TPM2B structure that fills ``data`` exactly, else CredentialError."""
+    data = bytes(data)
+    if len(data) < 2 or int.from_bytes(data[:2], "big") != len(data) - 2:
+        raise CredentialError(
+            f"the {what} is not a marshalled {kind.__name__} (a 2-byte size, then that many "
+            f"bytes): {len(data)} bytes"
+        )
+    try:
+        value, used = kind.unmarshal(data)
+    except Exception as e:  # the TSS's marshalling checks (a size past the type's buffer)
+        raise CredentialError(f"the {what} is not a marshalled {kind.__name__}: {e}") from e
+    if used != len(data):
+        raise CredentialError(f"the {what} has {len(data) - used} bytes after its {kind.__name__}")
+    return value
+
+
+def _is_tpm_error(rc: int) -> bool:
+    """Whether a TSS2_RC is the TPM's own answer to a command, and not a warning.
+
+    The TSS layer is in bits 16-23 (0: the TPM); a format-zero code with the warning
+    bit (0x800) is a TPM warning (resources, retry), not a verdict on the input.
+    """
+    if rc >> 16 & 0xFF:
+        return False
+    return bool(rc & 0x080) or not rc & 0x800
 
 
 def _digest_list(raw: bytes) -> list[bytes]:

@@ -38,6 +38,14 @@ class AgentBase(abc.ABC):
     async def GetEvidence(self, stream: 'grpclib.server.Stream[cima._proto.cima.agent_pb2.GetEvidenceRequest, cima._proto.cima.agent_pb2.GetEvidenceResponse]') -> None:
         pass
 
+    @abc.abstractmethod
+    async def GetEnrollment(self, stream: 'grpclib.server.Stream[cima._proto.cima.agent_pb2.GetEnrollmentRequest, cima._proto.cima.agent_pb2.GetEnrollmentResponse]') -> None:
+        pass
+
+    @abc.abstractmethod
+    async def ActivateCredential(self, stream: 'grpclib.server.Stream[cima._proto.cima.agent_pb2.ActivateCredentialRequest, cima._proto.cima.agent_pb2.ActivateCredentialResponse]') -> None:
+        pass
+
     def __mapping__(self) -> typing.Dict[str, grpclib.const.Handler]:
         return {
             '/cima.v1.Agent/Info': grpclib.const.Handler(
@@ -75,6 +83,18 @@ class AgentBase(abc.ABC):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 cima._proto.cima.agent_pb2.GetEvidenceRequest,
                 cima._proto.cima.agent_pb2.GetEvidenceResponse,
+            ),
+            '/cima.v1.Agent/GetEnrollment': grpclib.const.Handler(
+                self.GetEnrollment,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                cima._proto.cima.agent_pb2.GetEnrollmentRequest,
+                cima._proto.cima.agent_pb2.GetEnrollmentResponse,
+            ),
+            '/cima.v1.Agent/ActivateCredential': grpclib.const.Handler(
+                self.ActivateCredential,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                cima._proto.cima.agent_pb2.ActivateCredentialRequest,
+                cima._proto.cima.agent_pb2.ActivateCredentialResponse,
             ),
         }
 
@@ -117,4 +137,16 @@ class AgentStub:
             '/cima.v1.Agent/GetEvidence',
             cima._proto.cima.agent_pb2.GetEvidenceRequest,
             cima._proto.cima.agent_pb2.GetEvidenceResponse,
+        )
+        self.GetEnrollment = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/cima.v1.Agent/GetEnrollment',
+            cima._proto.cima.agent_pb2.GetEnrollmentRequest,
+            cima._proto.cima.agent_pb2.GetEnrollmentResponse,
+        )
+        self.ActivateCredential = grpclib.client.UnaryUnaryMethod(
+            channel,
+            '/cima.v1.Agent/ActivateCredential',
+            cima._proto.cima.agent_pb2.ActivateCredentialRequest,
+            cima._proto.cima.agent_pb2.ActivateCredentialResponse,
         )

@@ -159,3 +159,35 @@ class GetEvidenceResponse(_message.Message):
     BUNDLE_FIELD_NUMBER: _ClassVar[int]
     bundle: bytes
     def __init__(self, bundle: _Optional[bytes] = ...) -> None: ...
+
+class GetEnrollmentRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetEnrollmentResponse(_message.Message):
+    __slots__ = ("ek_public", "ek_certificate", "ak_public", "ak_name", "platform")
+    EK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    EK_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    AK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    AK_NAME_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
+    ek_public: bytes
+    ek_certificate: bytes
+    ak_public: bytes
+    ak_name: bytes
+    platform: str
+    def __init__(self, ek_public: _Optional[bytes] = ..., ek_certificate: _Optional[bytes] = ..., ak_public: _Optional[bytes] = ..., ak_name: _Optional[bytes] = ..., platform: _Optional[str] = ...) -> None: ...
+
+class ActivateCredentialRequest(_message.Message):
+    __slots__ = ("credential_blob", "encrypted_secret")
+    CREDENTIAL_BLOB_FIELD_NUMBER: _ClassVar[int]
+    ENCRYPTED_SECRET_FIELD_NUMBER: _ClassVar[int]
+    credential_blob: bytes
+    encrypted_secret: bytes
+    def __init__(self, credential_blob: _Optional[bytes] = ..., encrypted_secret: _Optional[bytes] = ...) -> None: ...
+
+class ActivateCredentialResponse(_message.Message):
+    __slots__ = ("secret",)
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    secret: bytes
+    def __init__(self, secret: _Optional[bytes] = ...) -> None: ...

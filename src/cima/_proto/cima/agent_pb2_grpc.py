@@ -64,6 +64,16 @@ class AgentStub:
                 request_serializer=cima_dot___proto_dot_cima_dot_agent__pb2.GetEvidenceRequest.SerializeToString,
                 response_deserializer=cima_dot___proto_dot_cima_dot_agent__pb2.GetEvidenceResponse.FromString,
                 _registered_method=True)
+        self.GetEnrollment = channel.unary_unary(
+                '/cima.v1.Agent/GetEnrollment',
+                request_serializer=cima_dot___proto_dot_cima_dot_agent__pb2.GetEnrollmentRequest.SerializeToString,
+                response_deserializer=cima_dot___proto_dot_cima_dot_agent__pb2.GetEnrollmentResponse.FromString,
+                _registered_method=True)
+        self.ActivateCredential = channel.unary_unary(
+                '/cima.v1.Agent/ActivateCredential',
+                request_serializer=cima_dot___proto_dot_cima_dot_agent__pb2.ActivateCredentialRequest.SerializeToString,
+                response_deserializer=cima_dot___proto_dot_cima_dot_agent__pb2.ActivateCredentialResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -112,6 +122,24 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetEnrollment(self, request, context):
+        """The TPM's endorsement key (and its certificate) and the attestation key, for a
+        verifier to enroll the node. Host processes (the node view) only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ActivateCredential(self, request, context):
+        """TPM2_ActivateCredential of a credential made (TPM2_MakeCredential) for the
+        attestation key's name and encrypted to the endorsement key: the TPM returns its
+        secret only when that key is loaded in the same TPM as that EK. Host processes
+        (the node view) only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +172,16 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.GetEvidence,
                     request_deserializer=cima_dot___proto_dot_cima_dot_agent__pb2.GetEvidenceRequest.FromString,
                     response_serializer=cima_dot___proto_dot_cima_dot_agent__pb2.GetEvidenceResponse.SerializeToString,
+            ),
+            'GetEnrollment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEnrollment,
+                    request_deserializer=cima_dot___proto_dot_cima_dot_agent__pb2.GetEnrollmentRequest.FromString,
+                    response_serializer=cima_dot___proto_dot_cima_dot_agent__pb2.GetEnrollmentResponse.SerializeToString,
+            ),
+            'ActivateCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.ActivateCredential,
+                    request_deserializer=cima_dot___proto_dot_cima_dot_agent__pb2.ActivateCredentialRequest.FromString,
+                    response_serializer=cima_dot___proto_dot_cima_dot_agent__pb2.ActivateCredentialResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +346,60 @@ class Agent:
             '/cima.v1.Agent/GetEvidence',
             cima_dot___proto_dot_cima_dot_agent__pb2.GetEvidenceRequest.SerializeToString,
             cima_dot___proto_dot_cima_dot_agent__pb2.GetEvidenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEnrollment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cima.v1.Agent/GetEnrollment',
+            cima_dot___proto_dot_cima_dot_agent__pb2.GetEnrollmentRequest.SerializeToString,
+            cima_dot___proto_dot_cima_dot_agent__pb2.GetEnrollmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ActivateCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cima.v1.Agent/ActivateCredential',
+            cima_dot___proto_dot_cima_dot_agent__pb2.ActivateCredentialRequest.SerializeToString,
+            cima_dot___proto_dot_cima_dot_agent__pb2.ActivateCredentialResponse.FromString,
             options,
             channel_credentials,
             insecure,
