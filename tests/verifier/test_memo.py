@@ -74,8 +74,11 @@ def _ipl_event(bundle: EvidenceBundle) -> int:
 
 
 def _document(result: AttestationResult) -> dict[str, Any]:
+    """The result without what differs between two appraisals of the same evidence: how
+    long each step took, and the second at which the result was issued."""
     doc = result.to_dict()
     doc.pop("timings_ms", None)
+    doc.pop("issued_at", None)
     return doc
 
 

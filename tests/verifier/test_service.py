@@ -1062,7 +1062,10 @@ def test_the_api_description_declares_the_operator_token() -> None:
         for method, operation in operations.items()
         if "security" in operation
     ]
-    assert secured == [("/v1/references/{name}", "put")]
+    assert sorted(secured) == [
+        ("/v1/enrollments/keys/{ak_name}", "delete"),
+        ("/v1/references/{name}", "put"),
+    ]
 
 
 def test_operator_token_files(tmp_path: Path) -> None:

@@ -12,7 +12,10 @@ Reference values are stored only with an operator token (``PUT
 /v1/references/NAME`` with ``Authorization: Bearer TOKEN``): the tokens are
 in the file ``--operator-token-file`` names; without it the instance takes
 none (403). ``--client-ca`` makes every connection present a client
-certificate from those CAs (mutual TLS).
+certificate from those CAs (mutual TLS). ``--ek-ca`` names the TPM
+manufacturers' root certificates that an EK certificate must lead to for its
+TPM's attestation key to be enrolled (``POST /v1/enrollments``; ``cima client
+enroll``); without it the instance enrolls no key (403).
 """
 
 from __future__ import annotations
@@ -123,6 +126,25 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "instance takes no reference values (403 read_only)"
         ),
     )
+    serve.add_argument(
+        "--ek-ca",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help=(
+            "PEM file of TPM manufacturers' root CA certificates (one or more): an attestation "
+            "key is enrolled by EK certificate (POST /v1/enrollments, cima client enroll) when "
+            "its TPM's EK certificate leads to one of them, through intermediate CAs the node "
+            "sends. Repeatable. Without it the instance enrolls no key (403 no_ek_roots)"
+        ),
+    )
+    serve.add_argument(
+        "--enrollment-ttl",
+        metavar="SECONDS",
+        type=float,
+        default=300.0,
+        help="how long an enrollment's credential can be activated (default 300)",
+    )
     serve.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate")
     serve.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     serve.add_argument(
@@ -188,12 +210,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         DEFAULT_REFERENCE,
         DEFAULT_THREADS,
         SETTINGS_VARIABLE,
+        EKRootError,
         OperatorTokenError,
         ServiceConfig,
         VerifierService,
         create_app,
         instance_name,
         listening_socket,
+        load_ek_roots,
         load_jwt_key,
         load_operator_tokens,
         tune_gc,
@@ -203,6 +227,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host, port = parse_listen(args.listen)
     if args.challenge_ttl <= 0:
         raise UsageError(f"--challenge-ttl {args.challenge_ttl}: must be positive")
+    if args.enrollment_ttl <= 0:
+        raise UsageError(f"--enrollment-ttl {args.enrollment_ttl}: must be positive")
     workers = default_workers() if args.workers is None else args.workers
     threads = DEFAULT_THREADS if args.threads is None else args.threads
     if workers < 1:
@@ -223,6 +249,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             operator_tokens = load_operator_tokens(args.operator_token_file)
         except OperatorTokenError as e:
             raise UsageError(f"--operator-token-file {e}") from None
+    ek_roots: tuple[Any, ...] = ()
+    for path in args.ek_ca:
+        try:
+            found = load_ek_roots([path])
+        except EKRootError as e:
+            raise UsageError(f"--ek-ca {e}") from None
+        if not found:
+            raise UsageError(f"--ek-ca {path}: no PEM certificate in it")
+        ek_roots += found
     reference = args.reference or DEFAULT_REFERENCE
     try:
         check_name(reference)
@@ -242,6 +277,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         default_reference=reference,
         jwt_key=key,
         operator_tokens=operator_tokens,
+        ek_roots=ek_roots,
+        enrollment_ttl=timedelta(seconds=args.enrollment_ttl),
         threads=threads,
     )
     level = getattr(logging, args.log_level.upper())
@@ -259,7 +296,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"cima verifier {instance}: store {store.url}, listening on {scheme}://{args.listen}"
         + (" (client certificates required)" if args.client_ca else "")
         + (f" ({workers} worker processes)" if workers > 1 else "")
-        + f"; {writes}\n"
+        + f"; {writes}"
+        + (
+            f"; attestation keys enrolled by EK certificates of {len(ek_roots)} root"
+            f"{'s' if len(ek_roots) > 1 else ''}"
+            if ek_roots
+            else ""
+        )
+        + "\n"
     )
     if operator_tokens and not args.tls_cert and not _loopback(host):
         sys.stderr.write(
@@ -304,8 +348,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "operator_token_file": (
                 str(Path(args.operator_token_file).resolve()) if args.operator_token_file else None
             ),
+            # The EK roots' files too.
+            "ek_ca": [str(Path(p).resolve()) for p in args.ek_ca],
             "max_body": config.max_body,
             "challenge_ttl": args.challenge_ttl,
+            "enrollment_ttl": args.enrollment_ttl,
             "reference": reference,
             "threads": threads,
         }

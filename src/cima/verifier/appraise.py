@@ -14,11 +14,16 @@ Steps:
     key; nothing but zero padding follows a TDX quote. (:class:`ReportFormatError`)
 (2) the signature chain: TPM and software platform: the AK is trusted by
     registration (its public key or its TPM name is in the reference values'
-    ``trusted_keys``), its signature covers the attest bytes and the pcrDigest
-    covers the PCR values; TDX: the quote verifies offline up to the Intel SGX
-    Root CA (or a root the reference values add). An EK certificate in the
-    bundle is not a trust path by itself: tying an AK to an EK takes credential
-    activation, which registration does. (:class:`UntrustedKeyError`,
+    ``trusted_keys``) or by EK certificate (its TPM name is one of the caller's
+    ``enrolled_keys``: the verifier service's enrollment checked the EK
+    certificate up to a TPM manufacturer's root and the TPM activated a
+    credential bound to the AK's name), its signature covers the attest bytes
+    and the pcrDigest covers the PCR values; TDX: the quote verifies offline up
+    to the Intel SGX Root CA (or a root the reference values add). An EK
+    certificate in the bundle is not a trust path by itself: tying an AK to an
+    EK takes credential activation, which enrollment does. The details say
+    which path trusted the key (``attestation_key_trust``: ``registration`` or
+    ``ek-certificate``). (:class:`UntrustedKeyError`,
     :class:`~cima.errors.SignatureError`)
 (3) freshness: the report binds the expected nonce and user data (DESIGN.md
     section 4): the bundle's binding is the one the nonce, user data and, for a
@@ -929,6 +934,7 @@ def appraise(
     state: AppraisalState | Mapping[str, Any] | None = None,
     now: datetime | None = None,
     verifier_id: str | None = None,
+    enrolled_keys: Mapping[bytes, str] | None = None,
 ) -> AttestationResult:
     """Appraise ``bundle`` against ``references``; see the module docstring for the steps.
 
@@ -939,6 +945,10 @@ def appraise(
     the report (TPM extraData, TDX REPORTDATA), checked instead of the bundle's
     binding. ``state`` is the ``result.state`` of an earlier appraisal of the
     same node. ``now`` is the time certificates are checked at.
+    ``enrolled_keys`` maps the TPM names of attestation keys enrolled by EK
+    certificate to how they were (``"enrolled by EK certificate (<EK
+    subject>, <date>)"``): step 2 trusts such a key when the reference values
+    do not list it.
     """
     return _Appraisal(
         bundle,
@@ -949,6 +959,7 @@ def appraise(
         state=state,
         now=now,
         verifier_id=verifier_id,
+        enrolled_keys=enrolled_keys,
     ).run()
 
 
@@ -991,8 +1002,10 @@ class _Appraisal:
         state: AppraisalState | Mapping[str, Any] | None,
         now: datetime | None,
         verifier_id: str | None,
+        enrolled_keys: Mapping[bytes, str] | None = None,
     ) -> None:
         self.raw_bundle = bundle
+        self.enrolled_keys = enrolled_keys
         self.refs_model = references
         self.nonce = nonce
         self.user_data = user_data
@@ -1128,18 +1141,24 @@ class _Appraisal:
         spki = view.ak_key.public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
+        trust = "registration"
         trusted_as = refs.trusted_spki.get(spki)
-        if trusted_as is None and refs.trusted_tpm_names:
+        if trusted_as is None and (refs.trusted_tpm_names or self.enrolled_keys):
             name = view.ak_tpm_name()
             if name is not None:
                 trusted_as = refs.trusted_tpm_names.get(name)
+                if trusted_as is None and self.enrolled_keys:
+                    trusted_as = self.enrolled_keys.get(name)
+                    trust = "ek-certificate"
         if trusted_as is None:
             why = (
                 "the reference values trust no attestation key"
                 if not refs.trusted_spki and not refs.trusted_tpm_names
-                else "the attestation key is not one the reference values trust "
-                f"(SPKI SHA-256 {hashlib.sha256(spki).hexdigest()})"
+                else "the attestation key is not one the reference values trust"
             )
+            if self.enrolled_keys is not None:
+                why += " and it is not enrolled by EK certificate"
+            why += f" (SPKI SHA-256 {hashlib.sha256(spki).hexdigest()})"
             self.fail("evidence", 2, "untrusted-key", why, UntrustedKeyError)
             raise _Fatal
         try:
@@ -1154,7 +1173,11 @@ class _Appraisal:
             self.fail("evidence", 2, "signature", str(e), type(e))
             raise _Fatal from None
         self.subs["evidence"].details.update(
-            {"attestation_key": trusted_as, "quote": "signature verified"}
+            {
+                "attestation_key": trusted_as,
+                "attestation_key_trust": trust,
+                "quote": "signature verified",
+            }
         )
 
     def _verify_tdx(self, view: EvidenceView, refs: CompiledReferences) -> None:

@@ -30,11 +30,40 @@ kept in ``docs/verifier-openapi.json``):
     stored results, newest first; ``GET /v1/nodes/{node}/results/latest`` a node's newest.
 ``GET /v1/keys``
     the public key that signs result tokens, as a JSON Web Key Set.
+``POST /v1/enrollments`` ``{"node_id", "ek_public", "ek_certificate", "ak_public",
+"intermediates"}``
+    enrollment of an attestation key by EK certificate (credential activation),
+    step one: the EK certificate (PEM) must lead, through the request's
+    ``intermediates`` (PEM, optional), to one of the instance's EK roots
+    (``ServiceConfig.ek_roots``, ``cima verifier serve --ek-ca``); the EK
+    public area (hex TPM2B_PUBLIC) must hold the certificate's key and the AK
+    public area (hex TPM2B_PUBLIC) be a restricted signing key. The answer
+    (201) is a credential (TPM2_MakeCredential) of a fresh random secret,
+    bound to the AK's TPM name and encrypted to the EK: ``{"id",
+    "credential_blob", "encrypted_secret", "expires", "node_id",
+    "ak_name"}`` (hex). The node is ``node_id``, else derived from the AK as
+    an attestation derives it (``key-<hex>``). Only the secret's SHA-256 is
+    stored.
+``POST /v1/enrollments/{id}/activate`` ``{"secret": "<hex>"}``
+    step two: the secret the node's TPM recovered (TPM2_ActivateCredential,
+    which it performs only when the AK named lives in the TPM of the EK).
+    The first attempt spends the enrollment, whatever its outcome; the right
+    secret enrolls the AK (200 ``{"status": "enrolled", "node_id",
+    "ak_name", "ek_subject"}``), and from then on step 2 of an appraisal
+    trusts it "by EK certificate" when the reference values do not list it.
+``GET /v1/enrollments/keys[?node=N]``
+    the enrolled attestation keys (TPM name, node, public area, EK
+    certificate's SHA-256 and subject, when, which enrollment).
+``DELETE /v1/enrollments/keys/{ak_name}``
+    an operator's (see Authorization): revokes an enrolled key (hex TPM
+    name); from the next attestation on, step 2 no longer trusts it by its
+    enrollment. 200 with the key as it was, 404 when no key has that name.
 ``GET /healthz``
     ``{"status": "ok"}`` when the store answers, 503 otherwise.
 
 Authorization: reference values decide every appraisal, so only an operator
-stores them. ``PUT /v1/references/{name}`` needs ``Authorization: Bearer
+stores them, or revokes an enrolled key. ``PUT /v1/references/{name}`` (and
+``DELETE /v1/enrollments/keys/{ak_name}``) needs ``Authorization: Bearer
 <token>`` with one of the instance's operator tokens
 (``ServiceConfig.operator_tokens``, read by :func:`load_operator_tokens` from
 ``cima verifier serve --operator-token-file``; the instance keeps their
@@ -50,15 +79,31 @@ with a certificate.
 
 Errors are ``{"detail": "<one line>", "error": "<code>"}``: 400 unreadable
 body (not JSON, not YAML), 401 no operator token or a wrong one (reference
-writes), 403 nonce unknown, expired or of another session, or a reference
-write on a read-only instance, 404 no such thing, 409 nonce already used, 413
-body over the cap (``max_body``, 64 MiB by default), 415 a body type the
-endpoint does not take, 422 a body that decodes but is not valid (the field is
-named: a missing field, a wrong type, an unsupported bundle version), 503
-store unavailable.
+writes), 403 nonce unknown, expired or of another session, a reference
+write on a read-only instance, an enrollment on an instance without EK roots
+(``no_ek_roots``), an endorsement that does not hold (``untrusted_endorsement``:
+the detail names the step, ``ek-certificate``, ``ek-public`` or ``ak-public``,
+and the reason) or an activation with a wrong secret (``wrong_secret``), 404 no
+such thing (an unknown enrollment too), 409 nonce already used, or enrollment
+already activated (``enrollment_spent``), 410 enrollment expired
+(``enrollment_expired``), 413 body over the cap (``max_body``, 64 MiB by
+default), 415 a body type the endpoint does not take, 422 a body that decodes
+but is not valid (the field is named: a missing field, a wrong type, an
+unsupported bundle version, an enrollment's field that is not hex, PEM or a
+public area), 503 store unavailable.
 A refused request changes nothing stored and leaves its nonce usable: a
 nonce is spent in the transaction that stores its attestation's result (an
 appraisal that finds the evidence bad is a result too, ``contraindicated``).
+Of enrollments, only a refused activation leaves a trace: the enrollment it
+spent, ``refused``.
+
+Enrollment is open to whoever reaches the service, as attestation is: what
+it trusts is a TPM manufacturer's signature over the EK and the TPM's own
+refusal to activate a credential for a key that is not its own. An
+attestation whose report is a TPM quote reads, in the statement that reads its
+challenge, the enrolled key of its AK's TPM name (the name the appraisal's
+step 2 gives the AK of the bundle's ``ak_pem``), and the appraisal trusts it
+as ``enrolled by EK certificate (<EK subject>, <date>)``.
 
 Appraisal (:func:`cima.verifier.appraise.appraise`) is incremental: each
 node's appraisal state is kept in the store, tied to the report's signing key
@@ -76,19 +121,22 @@ worker keeps between requests changes no result: parsed reference sets (by
 version and digest), decoded logs whose JSON is byte-identical to one seen
 (:data:`cima.eventlog.cel.DECODED_LOGS`) and what a boot log says by itself
 (:data:`cima.verifier.appraise.BOOT_FACTS`, by the log's digest; its replay
-is compared with the registers of every quote).
+is compared with the registers of every quote), and the key id and TPM name
+of the AK PEMs seen last (a pure function of the PEM).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import gc
 import hashlib
 import hmac
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import stat
@@ -96,7 +144,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Protocol, TypeVar
@@ -105,8 +153,9 @@ import anyio
 import anyio.to_thread
 import orjson
 import yaml
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
@@ -118,12 +167,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from cima.errors import CimaError, ParseError, UnsupportedFormatError
 from cima.evidence.bundle import EvidenceBundle, TDXQuoteReport, TPMQuoteReport
 from cima.evidence.bundle import loads as loads_json
+from cima.evidence.tpm import PublicArea
 from cima.verifier.appraise import AppraisalState
 from cima.verifier.appraise import appraise as run_appraisal
 from cima.verifier.reference import ReferenceValues, load_references
 from cima.verifier.store import (
     Attestation,
     Challenge,
+    EnrolledKey,
+    Enrollment,
+    EnrollmentError,
     NonceError,
     NotFoundError,
     ReferenceRecord,
@@ -135,17 +188,22 @@ from cima.verifier.store import (
 )
 
 __all__ = [
+    "DEFAULT_ENROLLMENT_TTL",
     "DEFAULT_MAX_BODY",
     "DEFAULT_REFERENCE",
     "DEFAULT_THREADS",
     "MIN_OPERATOR_TOKEN",
     "OPERATOR_REALM",
     "Appraisal",
+    "EKRootError",
+    "EnrollmentRequest",
+    "IssuedCredential",
     "OperatorTokenError",
     "ServiceConfig",
     "ServiceError",
     "VerifierService",
     "create_app",
+    "load_ek_roots",
     "load_jwt_key",
     "load_operator_tokens",
     "openapi_document",
@@ -161,6 +219,10 @@ DEFAULT_MAX_BODY = 64 * 1024 * 1024
 DEFAULT_THREADS = 0
 #: The reference set an attestation is appraised against unless the request names one.
 DEFAULT_REFERENCE = "default"
+#: How long an enrollment's credential can be activated unless the instance says.
+DEFAULT_ENROLLMENT_TTL = timedelta(minutes=5)
+#: Bytes of an enrollment's secret (what the credential carries).
+ENROLLMENT_SECRET_SIZE = 32
 #: How many parsed reference sets an instance keeps.
 _REFERENCE_CACHE = 32
 #: How often an instance deletes long-expired challenges, and how long after expiry.
@@ -211,6 +273,7 @@ class Appraiser(Protocol):
         *,
         nonce: bytes,
         state: dict[str, Any] | None,
+        enrolled_keys: Mapping[bytes, str] | None = None,
     ) -> Appraisal: ...
 
 
@@ -225,15 +288,19 @@ def appraise(
     *,
     nonce: bytes,
     state: dict[str, Any] | None,
+    enrolled_keys: Mapping[bytes, str] | None = None,
 ) -> Appraisal:
-    """Run :func:`cima.verifier.appraise.appraise` with the node's state."""
+    """Run :func:`cima.verifier.appraise.appraise` with the node's state (and the enrolled
+    key of the report's AK, when it is one)."""
     previous = None
     if state is not None:
         try:
             previous = AppraisalState.from_dict(state)
         except ParseError as e:  # written by another cima version: start over
             log.info("stored appraisal state not used: %s", e)
-    result = run_appraisal(bundle, references, nonce=nonce, state=previous)
+    result = run_appraisal(
+        bundle, references, nonce=nonce, state=previous, enrolled_keys=enrolled_keys
+    )
     new_state = result.state.to_dict() if result.state is not None else None
     return Appraisal(
         status=str(result.status),
@@ -379,6 +446,47 @@ def load_operator_tokens(path: str | os.PathLike[str]) -> tuple[bytes, ...]:
     return tuple(digests)
 
 
+# -- EK roots -------------------------------------------------------------------------------------
+
+#: The largest EK root file read.
+_MAX_ROOT_FILE = 16 * 1024 * 1024
+
+
+class EKRootError(CimaError):
+    """An EK root file that cannot be used (the message names the file)."""
+
+
+def load_ek_roots(paths: Sequence[str | os.PathLike[str]]) -> tuple[x509.Certificate, ...]:
+    """The certificates in the PEM files ``paths``: the roots an EK certificate must lead to.
+
+    A file holds one or more PEM certificates (a TPM manufacturer's root CAs);
+    every certificate is a trust anchor. A file that cannot be read or holds
+    no certificate raises :class:`EKRootError` naming it.
+    """
+    roots: list[x509.Certificate] = []
+    for path in paths:
+        name = os.fspath(path)
+        try:
+            with open(name, "rb") as f:
+                data = f.read(_MAX_ROOT_FILE + 1)
+        except FileNotFoundError:
+            raise EKRootError(f"{name}: no such file") from None
+        except IsADirectoryError:
+            raise EKRootError(f"{name}: is a directory") from None
+        except OSError as e:
+            raise EKRootError(f"{name}: cannot read: {e.strerror or e}") from None
+        if len(data) > _MAX_ROOT_FILE:
+            raise EKRootError(f"{name}: larger than {_MAX_ROOT_FILE} bytes")
+        try:
+            found = x509.load_pem_x509_certificates(data)
+        except ValueError as e:
+            raise EKRootError(f"{name}: not PEM certificates: {e}") from None
+        for cert in found:
+            if cert not in roots:
+                roots.append(cert)
+    return tuple(roots)
+
+
 #: The operator token as a request carries it: the security scheme of reference writes.
 #: It only reads the header (None when there is no bearer token); :meth:`VerifierService.
 #: authorize_operator` decides, and the service answers with its own 401 and 403.
@@ -416,6 +524,11 @@ class ServiceConfig:
     """SHA-256 digests of the tokens that authorize reference writes (:func:`load_operator_tokens`).
 
     Empty: the instance takes no reference values (403 ``read_only``)."""
+    ek_roots: tuple[x509.Certificate, ...] = ()
+    """The roots an EK certificate must lead to for its TPM's AK to be enrolled
+    (:func:`load_ek_roots`). Empty: the instance enrolls no key (403 ``no_ek_roots``)."""
+    enrollment_ttl: timedelta = DEFAULT_ENROLLMENT_TTL
+    """How long an enrollment's credential can be activated."""
     threads: int = DEFAULT_THREADS
     """Threads for the store's work (0: on the event loop, the work running to completion).
 
@@ -437,6 +550,41 @@ class PendingAttestation:
     node: str | None
     fallback_node: str
     """The node when the challenge names none: the request's, else the signing key's."""
+    ak_name: bytes | None = None
+    """The TPM name of the report's AK (TPM quotes), what an enrolled key is found by."""
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollmentRequest:
+    """What ``POST /v1/enrollments`` carries (hex public areas, PEM certificates)."""
+
+    ek_public: str
+    ek_certificate: str
+    ak_public: str
+    node_id: str | None = None
+    intermediates: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedCredential:
+    """An enrollment and its credential, as ``POST /v1/enrollments`` answers it."""
+
+    enrollment: Enrollment
+    credential_blob: bytes
+    """TPM2B_ID_OBJECT."""
+    encrypted_secret: bytes
+    """TPM2B_ENCRYPTED_SECRET."""
+
+    def to_dict(self) -> dict[str, Any]:
+        e = self.enrollment
+        return {
+            "id": e.id,
+            "credential_blob": self.credential_blob.hex(),
+            "encrypted_secret": self.encrypted_secret.hex(),
+            "expires": e.to_dict()["expires"],
+            "node_id": e.node_id,
+            "ak_name": e.ak_name.hex(),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,10 +632,17 @@ class VerifierService:
             self.store.purge_challenges(expired_before=datetime.now(UTC) - _PURGE_AFTER)
         except StoreError as e:  # housekeeping only
             log.warning("purging expired challenges failed: %s", e)
+        try:
+            self.store.purge_enrollments(expired_before=datetime.now(UTC) - _PURGE_AFTER)
+        except StoreError as e:
+            log.warning("purging expired enrollments failed: %s", e)
 
     # -- references ----------------------------------------------------------------------------
-    def authorize_operator(self, token: str | None) -> int:
-        """Refuse a reference write unless ``token`` is an operator token of this instance.
+    def authorize_operator(self, token: str | None, what: str = "reference values") -> int:
+        """Refuse an operator's request unless ``token`` is an operator token of this instance.
+
+        ``what`` names what the request changes (``reference values``, ``key
+        revocations``) in the refusals.
 
         403 ``read_only`` when the instance has no operator tokens; 401
         ``unauthorized`` when ``token`` is None (no bearer token) or none of
@@ -500,13 +655,11 @@ class VerifierService:
             raise ServiceError(
                 403,
                 "read_only",
-                "this instance takes no reference values: it was started without "
-                "--operator-token-file",
+                f"this instance takes no {what}: it was started without --operator-token-file",
             )
         if token is None:
             raise _unauthorized(
-                "storing reference values takes an operator token: send Authorization: Bearer "
-                "<token>"
+                f"{what} take an operator token: send Authorization: Bearer <token>"
             )
         presented = operator_token_digest(token)
         found = 0
@@ -630,9 +783,9 @@ class VerifierService:
         if node is not None:
             _node(node)
         name = _name(reference or self.config.default_reference)
-        key_id = signing_key_id(bundle)
+        key_id, ak_name = _signing_key(bundle)
         fallback = node or f"key-{key_id.split(':', 1)[1][:32]}"
-        return PendingAttestation(bundle, key_id, name, session, node, fallback)
+        return PendingAttestation(bundle, key_id, name, session, node, fallback, ak_name)
 
     def begin(self, pending: PendingAttestation) -> tuple[Attestation, ReferenceValues]:
         """Step (2) of :meth:`attest` (the store): the challenge, the references, the node."""
@@ -655,6 +808,7 @@ class VerifierService:
                 reference=name,
                 node=node_of,
                 node_hint=pending.fallback_node,
+                ak_name=pending.ak_name,
             )
         except NonceError as e:
             raise _nonce_refused(e) from None
@@ -674,8 +828,13 @@ class VerifierService:
         started, references = begun
         stored = started.node
         previous = stored.state if stored.key_id == pending.key_id else None
+        enrolled = started.enrolled
         appraisal = self.appraiser(
-            pending.bundle, references, nonce=started.challenge.nonce, state=previous
+            pending.bundle,
+            references,
+            nonce=started.challenge.nonce,
+            state=previous,
+            enrolled_keys={} if enrolled is None else {enrolled.ak_name: enrolled.description()},
         )
         created = datetime.now(UTC)
         token = self._token(appraisal, stored.node_id, pending.key_id, started.challenge, created)
@@ -723,6 +882,128 @@ class VerifierService:
         claims["cima.key"] = key_id
         return self.signer.sign(claims)
 
+    # -- enrollment ----------------------------------------------------------------------------
+    def enroll(self, request: EnrollmentRequest) -> IssuedCredential:
+        """Check an endorsement and answer a credential for the AK (``POST /v1/enrollments``).
+
+        403 ``no_ek_roots`` when the instance has no EK roots; 422 naming the field for
+        what is not hex, PEM or a public area; 403 ``untrusted_endorsement`` when the EK
+        certificate does not lead to a root, the EK public area is not the certificate's
+        key or the AK's is not a restricted signing key (the detail names the step).
+        Then a fresh secret, its credential (bound to the AK's TPM name, encrypted to
+        the EK) and a pending enrollment holding the secret's SHA-256.
+        """
+        from cima.evidence.credential import (
+            CredentialError,
+            EndorsementError,
+            check_ak_public,
+            check_ek_certificate,
+            check_ek_public,
+            make_credential,
+        )
+
+        roots = self.config.ek_roots
+        if not roots:
+            raise ServiceError(
+                403,
+                "no_ek_roots",
+                "this instance enrolls no attestation key: it was started without --ek-ca "
+                "(the TPM manufacturers' root certificates)",
+            )
+        if request.node_id is not None:
+            _node(request.node_id)
+        ek = _public_area("ek_public", request.ek_public)
+        ak = _public_area("ak_public", request.ak_public)
+        cert = _certificate("ek_certificate", request.ek_certificate)
+        intermediates: list[x509.Certificate] = []
+        for i, pem in enumerate(request.intermediates):
+            intermediates.extend(_certificates(f"intermediates[{i}]", pem))
+        try:
+            check_ek_certificate(cert, roots, intermediates, at=datetime.now(UTC))
+            check_ek_public(ek, cert)
+            check_ak_public(ak)
+            _check_ak_name(ak)
+        except EndorsementError as e:
+            raise ServiceError(403, "untrusted_endorsement", _endorsement_detail(e)) from None
+        try:
+            ak_name = ak.name
+            spki = ak.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        except CimaError as e:
+            raise ServiceError(422, "invalid-enrollment", f"ak_public: {e}") from None
+        node_id = request.node_id or f"key-{hashlib.sha256(spki).hexdigest()[:32]}"
+        secret = secrets.token_bytes(ENROLLMENT_SECRET_SIZE)
+        try:
+            blob, encrypted = make_credential(ek, ak_name, secret)
+        except CredentialError as e:
+            raise ServiceError(422, "invalid-enrollment", f"ek_public: {e}") from None
+        der = cert.public_bytes(serialization.Encoding.DER)
+        enrollment = self.store.create_enrollment(
+            node_id=node_id,
+            ak_name=ak_name,
+            ak_public=len(ak.raw).to_bytes(2, "big") + ak.raw,  # as received
+            ek_certificate_sha256=hashlib.sha256(der).hexdigest(),
+            ek_subject=_subject(cert),
+            secret_sha256=hashlib.sha256(secret).digest(),
+            ttl=self.config.enrollment_ttl,
+        )
+        log.info(
+            "enrollment %s: node %s, AK %s, EK certificate %s",
+            enrollment.id,
+            node_id,
+            ak_name.hex(),
+            enrollment.ek_subject,
+        )
+        return IssuedCredential(enrollment, blob, encrypted)
+
+    def activate(self, enrollment_id: str, secret: str) -> EnrolledKey:
+        """Spend an enrollment with the secret the node's TPM recovered; the enrolled key.
+
+        422 for a secret that is not hex; 404 no such enrollment; 403 ``wrong_secret``
+        (the enrollment is spent); 409 ``enrollment_spent`` (activated before, rightly
+        or not); 410 ``enrollment_expired``.
+        """
+        try:
+            value = bytes.fromhex(secret)
+        except ValueError:
+            raise ServiceError(422, "invalid-enrollment", "secret: not a hex string") from None
+        try:
+            key = self.store.activate_enrollment(enrollment_id, value)
+        except EnrollmentError as e:
+            status, code = _ENROLLMENT_REFUSALS[e.reason]
+            log.warning("enrollment %.16s: activation refused: %s", enrollment_id, e)
+            raise ServiceError(status, code, str(e)) from None
+        log.info(
+            "enrollment %s: AK %s of node %s enrolled",
+            key.enrollment,
+            key.ak_name.hex(),
+            key.node_id,
+        )
+        return key
+
+    def enrolled_keys(self, node: str | None = None) -> list[EnrolledKey]:
+        if node is not None:
+            _node(node)
+        return self.store.enrolled_keys(node)
+
+    def revoke(self, ak_name: str) -> EnrolledKey:
+        """Withdraw the trust an enrollment gave attestation key ``ak_name`` (hex TPM name)."""
+        try:
+            name = bytes.fromhex(ak_name)
+        except ValueError:
+            raise ServiceError(422, "invalid-request", "ak_name: not a hex string") from None
+        key = self.store.revoke_enrolled_key(name)
+        if key is None:
+            raise ServiceError(404, "not-found", f"no enrolled key has TPM name {ak_name}")
+        log.warning(
+            "enrolled key %s of node %s revoked (enrolled %s)",
+            ak_name,
+            key.node_id,
+            key.enrolled.isoformat(),
+        )
+        return key
+
     # -- results -------------------------------------------------------------------------------
     def results(
         self, node: str | None = None, *, limit: int = 100, before: int | None = None
@@ -752,6 +1033,97 @@ def _nonce_refused(e: NonceError) -> ServiceError:
     return ServiceError(409 if e.reason == "used" else 403, f"nonce-{e.reason}", str(e))
 
 
+#: What an activation refused by the store is answered with: (status, code).
+_ENROLLMENT_REFUSALS: dict[str, tuple[int, str]] = {
+    "unknown": (404, "not-found"),
+    "expired": (410, "enrollment_expired"),
+    "used": (409, "enrollment_spent"),
+    "wrong-secret": (403, "wrong_secret"),
+}
+
+
+def _hex_field(field: str, value: str) -> bytes:
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise ServiceError(422, "invalid-enrollment", f"{field}: not a hex string") from None
+
+
+def _public_area(field: str, value: str) -> PublicArea:
+    """A TPM2B_PUBLIC given in hex: 422 naming ``field`` when it is not one."""
+    data = _hex_field(field, value)
+    try:
+        return PublicArea.from_bytes(data)
+    except (ParseError, ValueError) as e:
+        raise ServiceError(
+            422, "invalid-enrollment", f"{field}: not a TPM2B_PUBLIC of an RSA or ECC key: {e}"
+        ) from None
+
+
+def _certificates(field: str, pem: str) -> list[x509.Certificate]:
+    try:
+        found = x509.load_pem_x509_certificates(pem.encode())
+    except ValueError as e:
+        reason = " ".join(str(e).split())
+        raise ServiceError(
+            422, "invalid-enrollment", f"{field}: not a PEM certificate: {reason}"
+        ) from None
+    return found
+
+
+def _certificate(field: str, pem: str) -> x509.Certificate:
+    found = _certificates(field, pem)
+    if len(found) != 1:
+        raise ServiceError(
+            422, "invalid-enrollment", f"{field}: one PEM certificate, not {len(found)}"
+        )
+    return found[0]
+
+
+def _check_ak_name(ak: PublicArea) -> None:
+    """The AK's TPM name is the one step 2 gives the key of a report's ``ak_pem``.
+
+    A report carries the AK's public key only; the appraisal names it as the
+    standard attestation key template would (:meth:`EvidenceView.ak_tpm_name`).
+    An AK of another template would be enrolled under a name no report leads to.
+    """
+    from cima.digests import by_id
+    from cima.evidence.credential import EndorsementError
+
+    why = ""
+    try:
+        standard = PublicArea.from_public_key(
+            ak.public_key(), algorithm=by_id(ak.scheme_hash).name
+        ).name
+    except (CimaError, ValueError) as e:
+        standard, why = None, f" ({e})"
+    if standard != ak.name:
+        raise EndorsementError(
+            "the AK's public area is not the standard attestation key template (nameAlg "
+            "SHA-256, no policy, the attributes fixedTPM, fixedParent, sensitiveDataOrigin, "
+            "userWithAuth, restricted and sign, an RSASSA or ECDSA scheme): a quote names its "
+            "AK by that template, so none would lead to this one" + why,
+            step="ak-public",
+            reason="template",
+        )
+
+
+def _subject(cert: x509.Certificate) -> str:
+    """An EK certificate's subject; for an empty one (usual: the TPM is named in the
+    subjectAltName), who issued it."""
+    try:
+        subject = cert.subject.rfc4514_string()
+        return subject or f"empty subject, issued by {cert.issuer.rfc4514_string()}"
+    except (ValueError, TypeError):
+        return f"serial 0x{cert.serial_number:x}"
+
+
+def _endorsement_detail(e: Any) -> str:
+    step = str(getattr(e, "step", "") or "")
+    reason = " ".join(str(e).split())
+    return reason if not step or reason.startswith(step) else f"{step}: {reason}"
+
+
 def decode_bundle(body: bytes) -> EvidenceBundle:
     """A bundle from request bytes: 400 when not JSON, 422 when not a valid bundle."""
     try:
@@ -770,24 +1142,49 @@ def decode_bundle(body: bytes) -> EvidenceBundle:
 
 def signing_key_id(bundle: EvidenceBundle) -> str:
     """``sha256:<hex>`` of the key that signed the report (TPM AK SPKI, TDX attestation key)."""
+    return _signing_key(bundle)[0]
+
+
+def _signing_key(bundle: EvidenceBundle) -> tuple[str, bytes | None]:
+    """:func:`signing_key_id`, and the TPM name of a TPM report's AK (as step 2 names it)."""
     report = bundle.report
     if isinstance(report, TPMQuoteReport):
-        try:
-            key = serialization.load_pem_public_key(report.ak_pem.encode())
-            material = key.public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        except (ValueError, TypeError, UnsupportedFormatError):
-            material = report.ak_pem.encode()
-    else:
-        assert isinstance(report, TDXQuoteReport)
-        try:
-            from cima.evidence.tdx import TDXQuote
+        if len(report.ak_pem) > _MAX_CACHED_PEM:  # not an AK's PEM: not worth keeping
+            return _tpm_signing_key.__wrapped__(report.ak_pem, report.hash_algorithm)
+        return _tpm_signing_key(report.ak_pem, report.hash_algorithm)
+    assert isinstance(report, TDXQuoteReport)
+    try:
+        from cima.evidence.tdx import TDXQuote
 
-            material = TDXQuote.from_bytes(report.quote).signature_data.attestation_key
-        except (ParseError, AttributeError):
-            material = report.quote[:48]
-    return "sha256:" + hashlib.sha256(material).hexdigest()
+        material = TDXQuote.from_bytes(report.quote).signature_data.attestation_key
+    except (ParseError, AttributeError):
+        material = report.quote[:48]
+    return "sha256:" + hashlib.sha256(material).hexdigest(), None
+
+
+#: The longest AK PEM whose key id and name are kept (an RSA-4096 key's is about 800 bytes).
+_MAX_CACHED_PEM = 4096
+
+
+@functools.lru_cache(maxsize=1024)
+def _tpm_signing_key(ak_pem: str, algorithm: str) -> tuple[str, bytes | None]:
+    """The key id and the TPM name of an AK given as PEM (a node sends the same one each
+    time: kept for the keys seen last). The name is the standard template's
+    (:meth:`EvidenceView.ak_tpm_name`); None for a key that has none."""
+    try:
+        key = serialization.load_pem_public_key(ak_pem.encode())
+        material = key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    except (ValueError, TypeError, UnsupportedFormatError):
+        return "sha256:" + hashlib.sha256(ak_pem.encode()).hexdigest(), None
+    name = None
+    if isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        try:
+            name = PublicArea.from_public_key(key, algorithm=algorithm).name
+        except (CimaError, ValueError, KeyError):
+            name = None
+    return "sha256:" + hashlib.sha256(material).hexdigest(), name
 
 
 def _node(node: str) -> str:
@@ -865,12 +1262,18 @@ def app_from_environment() -> FastAPI:
             key = load_jwt_key(f.read())
     # The file's path, not its tokens, is in the environment: each worker reads the file.
     token_file = settings.get("operator_token_file")
+    # The EK roots' files too (each worker reads them).
+    ek_ca = [str(p) for p in settings.get("ek_ca") or ()]
     config = ServiceConfig(
         max_body=int(settings["max_body"]),
         challenge_ttl=timedelta(seconds=float(settings["challenge_ttl"])),
         default_reference=str(settings["reference"]),
         jwt_key=key,
         operator_tokens=load_operator_tokens(token_file) if token_file else (),
+        ek_roots=load_ek_roots(ek_ca) if ek_ca else (),
+        enrollment_ttl=timedelta(
+            seconds=float(settings.get("enrollment_ttl") or DEFAULT_ENROLLMENT_TTL.total_seconds())
+        ),
         threads=int(settings["threads"]),
     )
     store = Store(str(settings["store"]), instance=f"{settings['instance']}/{os.getpid()}")
@@ -1022,6 +1425,72 @@ class ReferenceList(BaseModel):
     references: list[Reference]
 
 
+class EnrollmentBody(BaseModel):
+    """Body of ``POST /v1/enrollments``."""
+
+    model_config = ConfigDict(extra="forbid")
+    node_id: str | None = Field(
+        default=None,
+        max_length=253,
+        description="The node the key is enrolled for (default: derived from the AK, "
+        "key-<hex>, as an attestation derives it).",
+    )
+    ek_public: str = Field(
+        max_length=4096, description="The EK's public area: a TPM2B_PUBLIC, hex."
+    )
+    ek_certificate: str = Field(
+        max_length=65536, description="The EK certificate (PEM), as the TPM's NV holds it."
+    )
+    ak_public: str = Field(
+        max_length=4096, description="The AK's public area: a TPM2B_PUBLIC, hex."
+    )
+    intermediates: list[str] = Field(
+        default_factory=list,
+        max_length=8,
+        description="CA certificates (PEM) between the EK certificate and a root of the "
+        "verifier (--ek-ca): the TPM manufacturer's intermediate CAs.",
+    )
+
+
+class EnrollmentResponse(BaseModel):
+    id: str = Field(description="The enrollment, activated at /v1/enrollments/{id}/activate.")
+    credential_blob: str = Field(description="TPM2B_ID_OBJECT, hex (TPM2_ActivateCredential).")
+    encrypted_secret: str = Field(description="TPM2B_ENCRYPTED_SECRET, hex.")
+    expires: str = Field(description="RFC 3339, UTC: activate before.")
+    node_id: str
+    ak_name: str = Field(description="The AK's TPM name (hex): the credential is bound to it.")
+
+
+class ActivationBody(BaseModel):
+    """Body of ``POST /v1/enrollments/{id}/activate``."""
+
+    model_config = ConfigDict(extra="forbid")
+    secret: str = Field(
+        max_length=1024, description="The secret TPM2_ActivateCredential recovered, hex."
+    )
+
+
+class ActivationResponse(BaseModel):
+    status: str = Field(description="enrolled")
+    node_id: str
+    ak_name: str
+    ek_subject: str
+
+
+class EnrolledKeyModel(BaseModel):
+    ak_name: str = Field(description="The AK's TPM name, hex.")
+    node_id: str
+    ak_public: str = Field(description="The AK's TPM2B_PUBLIC, hex.")
+    ek_certificate_sha256: str
+    ek_subject: str
+    enrolled: str = Field(description="RFC 3339, UTC.")
+    enrollment: str = Field(description="The enrollment that enrolled it.")
+
+
+class EnrolledKeyList(BaseModel):
+    keys: list[EnrolledKeyModel]
+
+
 class ErrorResponse(BaseModel):
     detail: str
     error: str
@@ -1168,6 +1637,21 @@ def create_app(service: VerifierService | None, *, close_store: bool = False) ->
             log.warning("reference write to %.200r from %s refused: %s", name, client, e)
             raise
         log.info("reference write to %.200r with operator token %d", name, which)
+
+    async def revoker(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_OPERATOR_BEARER)],
+    ) -> None:
+        """The request is an operator's (401, 403 otherwise): a key revocation."""
+        name = request.path_params.get("ak_name")
+        token = None if credentials is None else credentials.credentials
+        try:
+            which = svc().authorize_operator(token, "key revocations")
+        except ServiceError as e:
+            client = request.client.host if request.client is not None else "-"
+            log.warning("revocation of %.200r from %s refused: %s", name, client, e)
+            raise
+        log.info("revocation of %.200r with operator token %d", name, which)
 
     async def read_body(request: Request) -> bytes:
         # _BodyCap (below) refuses a body over the cap, declared or streamed.
@@ -1336,6 +1820,120 @@ def create_app(service: VerifierService | None, *, close_store: bool = False) ->
         """A node's newest result."""
         found = await blocking(lambda: svc().latest(node))
         return _JSON(found.to_dict())
+
+    @app.post(
+        "/v1/enrollments",
+        status_code=201,
+        response_model=EnrollmentResponse,
+        responses={
+            **errors,
+            403: {
+                "model": ErrorResponse,
+                "description": "The instance has no EK roots (no_ek_roots), or the "
+                "endorsement does not hold (untrusted_endorsement: the EK certificate does "
+                "not lead to a root, the EK public area is not its key, the AK is not a "
+                "restricted signing key; the detail names the step).",
+            },
+        },
+        tags=["enrollment"],
+    )
+    async def enroll(body: EnrollmentBody) -> JSONResponse:
+        """Enroll an attestation key by EK certificate, step one: a credential for the AK.
+
+        The credential (TPM2_MakeCredential) carries a fresh secret, bound to the AK's TPM
+        name and encrypted to the EK: only the TPM of that EK recovers it, and only when
+        it holds that AK. A refused request stores nothing.
+        """
+        request = EnrollmentRequest(
+            ek_public=body.ek_public,
+            ek_certificate=body.ek_certificate,
+            ak_public=body.ak_public,
+            node_id=body.node_id,
+            intermediates=tuple(body.intermediates),
+        )
+        issued = await blocking(lambda: svc().enroll(request))
+        return _JSON(issued.to_dict(), status_code=201)
+
+    @app.post(
+        "/v1/enrollments/{enrollment_id}/activate",
+        response_model=ActivationResponse,
+        responses={
+            **errors,
+            403: {
+                "model": ErrorResponse,
+                "description": "A wrong secret (wrong_secret): the enrollment is spent.",
+            },
+            404: {"model": ErrorResponse, "description": "No such enrollment."},
+            409: {
+                "model": ErrorResponse,
+                "description": "The enrollment was activated before (enrollment_spent).",
+            },
+            410: {
+                "model": ErrorResponse,
+                "description": "The enrollment expired (enrollment_expired).",
+            },
+        },
+        tags=["enrollment"],
+    )
+    async def activate(
+        body: ActivationBody, enrollment_id: str = PathParam(max_length=64)
+    ) -> JSONResponse:
+        """Enroll an attestation key by EK certificate, step two: the recovered secret.
+
+        The first attempt spends the enrollment, whatever its outcome. With the right
+        secret the AK is enrolled: from then on an appraisal trusts it (step 2) when the
+        reference values do not list it.
+        """
+        key = await blocking(lambda: svc().activate(enrollment_id, body.secret))
+        return _JSON(
+            {
+                "status": "enrolled",
+                "node_id": key.node_id,
+                "ak_name": key.ak_name.hex(),
+                "ek_subject": key.ek_subject,
+            }
+        )
+
+    @app.get(
+        "/v1/enrollments/keys",
+        response_model=EnrolledKeyList,
+        responses=errors,
+        tags=["enrollment"],
+    )
+    async def enrolled_keys(node: str | None = Query(default=None, max_length=253)) -> JSONResponse:
+        """The attestation keys enrolled by EK certificate (of one node)."""
+        found = await blocking(lambda: svc().enrolled_keys(node))
+        return _JSON({"keys": [k.to_dict() for k in found]})
+
+    @app.delete(
+        "/v1/enrollments/keys/{ak_name}",
+        response_model=EnrolledKeyModel,
+        responses={
+            **errors,
+            401: {
+                "model": ErrorResponse,
+                "description": "No operator token (no Authorization: Bearer), or a wrong one.",
+                "headers": {
+                    "WWW-Authenticate": {
+                        "description": f'Bearer realm="{OPERATOR_REALM}"',
+                        "schema": {"type": "string"},
+                    }
+                },
+            },
+            403: {
+                "model": ErrorResponse,
+                "description": "The instance has no operator tokens (read_only).",
+            },
+            404: {"model": ErrorResponse, "description": "No enrolled key has that name."},
+        },
+        dependencies=[Depends(revoker)],
+        tags=["enrollment"],
+    )
+    async def revoke(ak_name: str = PathParam(max_length=256)) -> JSONResponse:
+        """Revoke an enrolled attestation key (operators only): from then on an appraisal
+        no longer trusts it by its enrollment. Answers the key as it was enrolled."""
+        key = await blocking(lambda: svc().revoke(ak_name))
+        return _JSON(key.to_dict())
 
     @app.get("/v1/keys", response_model=KeySet, tags=["results"])
     async def keys() -> JSONResponse:

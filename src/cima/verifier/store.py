@@ -43,6 +43,25 @@ Tables (schema version :data:`SCHEMA_VERSION`, created on first use):
     read, and :class:`StaleStateError` tells it another instance wrote first.
     An attestation that leaves the state as it was read (a node that attests
     again with nothing new) does not write it.
+``cima_enrollments``
+    the enrollments of attestation keys by EK certificate (credential
+    activation): a random id, the node, the AK's TPM name and public area, the
+    SHA-256 and subject of the EK certificate, the SHA-256 of the credential's
+    secret (never the secret), when it was created, when it expires, its state
+    (``pending``, ``enrolled``, ``refused``) and when it was spent. An
+    enrollment is activated once across every instance: the first attempt
+    spends it whatever its outcome (one transaction that locks the row; a
+    wrong secret leaves it ``refused``). Unknown, expired and already spent
+    enrollments are refused with :class:`EnrollmentError` (its ``reason``
+    says which).
+``cima_enrolled_keys``
+    the attestation keys enrolled so, by TPM name (hex): the node, the public
+    area, the EK certificate's SHA-256 and subject, when and by which
+    enrollment. An attestation reads its AK's row in the statement that reads
+    its challenge (:meth:`Store.begin_attestation`).
+
+Tables missing from a database of this schema version (one written before
+they were added) are created when the store is opened.
 
 Times are stored in UTC (timezone-aware in PostgreSQL, naive UTC in SQLite)
 and compared with the clock of the instance that asks, so the instances of a
@@ -72,6 +91,7 @@ JSON columns are written and read with orjson.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -128,6 +148,9 @@ from cima.errors import CimaError
 __all__ = [
     "DEFAULT_URL",
     "Attestation",
+    "EnrolledKey",
+    "Enrollment",
+    "EnrollmentError",
     "NONCE_SIZE",
     "SCHEMA_VERSION",
     "Challenge",
@@ -152,6 +175,10 @@ DEFAULT_URL = "sqlite:///cima-verifier.db"
 NONCE_SIZE = 32
 #: How long a challenge's nonce stays usable by default.
 DEFAULT_CHALLENGE_TTL = timedelta(minutes=5)
+#: How long an enrollment's credential can be activated by default.
+DEFAULT_ENROLLMENT_TTL = timedelta(minutes=5)
+#: The longest TPM name (hex) stored: a 2-byte algorithm and a digest of up to 64 bytes.
+_TPM_NAME_HEX = 2 * (2 + 64)
 
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,252}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
@@ -182,6 +209,22 @@ class NonceError(StoreError):
 
     def __init__(self, reason: NonceRefusal, message: str) -> None:
         self.reason: NonceRefusal = reason
+        super().__init__(message)
+
+
+EnrollmentRefusal = Literal["unknown", "expired", "used", "wrong-secret"]
+
+
+class EnrollmentError(StoreError):
+    """An enrollment that cannot be activated; ``reason`` says why.
+
+    ``unknown``: no such enrollment; ``expired``: not activated in time;
+    ``used``: already spent by an earlier attempt; ``wrong-secret``: the
+    secret is not the credential's (the enrollment is now spent, ``refused``).
+    """
+
+    def __init__(self, reason: EnrollmentRefusal, message: str) -> None:
+        self.reason: EnrollmentRefusal = reason
         super().__init__(message)
 
 
@@ -318,6 +361,35 @@ node_state_table = Table(
     Column("state", _JSON, nullable=False),
 )
 
+enrollments_table = Table(
+    "cima_enrollments",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("node_id", String(253), nullable=False),
+    Column("ak_name", String(_TPM_NAME_HEX), nullable=False),
+    Column("ak_public", Text, nullable=False),
+    Column("ek_certificate_sha256", String(64), nullable=False),
+    Column("ek_subject", Text, nullable=False),
+    Column("secret_sha256", String(64), nullable=False),
+    Column("created", UTCDateTime, nullable=False),
+    Column("expires", UTCDateTime, nullable=False, index=True),
+    Column("state", String(16), nullable=False),
+    Column("spent", UTCDateTime, nullable=True),
+    Column("instance", String(200), nullable=True),
+)
+
+enrolled_keys_table = Table(
+    "cima_enrolled_keys",
+    metadata,
+    Column("ak_name", String(_TPM_NAME_HEX), primary_key=True),
+    Column("node_id", String(253), nullable=False, index=True),
+    Column("ak_public", Text, nullable=False),
+    Column("ek_certificate_sha256", String(64), nullable=False),
+    Column("ek_subject", Text, nullable=False),
+    Column("enrolled", UTCDateTime, nullable=False),
+    Column("enrollment", String(64), nullable=False),
+)
+
 
 # -- the statements of the attestation path, built once (bound by name at each execution) ------
 
@@ -366,7 +438,9 @@ _INSERT_STATE = {
 _INSERT_RESULT = results_table.insert()
 _s = node_state_table.c
 _r = references_table.c
-# The challenge, the reference set's latest version and the node's state, in one statement.
+_k = enrolled_keys_table.c
+# The challenge, the reference set's latest version, the node's state and the enrolled key
+# of the report's AK (its TPM name, when it has one), in one statement.
 _BEGIN_ATTESTATION = (
     select(
         challenges_table,
@@ -386,16 +460,24 @@ _BEGIN_ATTESTATION = (
         _s.version.label("state_version"),
         _s.state,
         _s.key_id,
+        _k.ak_name.label("enrolled_ak_name"),
+        _k.node_id.label("enrolled_node"),
+        _k.ak_public.label("enrolled_ak_public"),
+        _k.ek_certificate_sha256.label("enrolled_ek_sha256"),
+        _k.ek_subject.label("enrolled_ek_subject"),
+        _k.enrolled.label("enrolled_at"),
+        _k.enrollment.label("enrolled_by"),
     )
     .select_from(
         challenges_table.outerjoin(
             node_state_table,
             _s.node_id == func.coalesce(_c.node_id, bindparam("p_node", type_=String())),
-        )
+        ).outerjoin(enrolled_keys_table, _k.ak_name == bindparam("p_ak", type_=String()))
     )
     .where(_c.nonce == bindparam("p_nonce"))
 )
-del _c, _s, _r
+_SELECT_ENROLLED_KEY = select(enrolled_keys_table).where(_k.ak_name == bindparam("p_ak"))
+del _c, _s, _r, _k
 
 
 _PG_FINISH = """
@@ -546,6 +628,70 @@ class NodeState:
 
 
 @dataclass(frozen=True, slots=True)
+class Enrollment:
+    """An enrollment of an attestation key by EK certificate, as stored (no secret)."""
+
+    id: str
+    node_id: str
+    ak_name: bytes
+    """The AK's TPM name: the credential is bound to it."""
+    ak_public: bytes
+    """The AK's TPM2B_PUBLIC."""
+    ek_certificate_sha256: str
+    ek_subject: str
+    created: datetime
+    expires: datetime
+    state: str
+    """``pending``, ``enrolled`` or ``refused``."""
+    spent: datetime | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "node_id": self.node_id,
+            "ak_name": self.ak_name.hex(),
+            "ek_certificate_sha256": self.ek_certificate_sha256,
+            "ek_subject": self.ek_subject,
+            "created": _rfc3339(self.created),
+            "expires": _rfc3339(self.expires),
+            "state": self.state,
+            "spent": None if self.spent is None else _rfc3339(self.spent),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class EnrolledKey:
+    """An attestation key enrolled by EK certificate: trusted in the appraisal's step 2."""
+
+    ak_name: bytes
+    node_id: str
+    ak_public: bytes
+    ek_certificate_sha256: str
+    ek_subject: str
+    enrolled: datetime
+    enrollment: str
+    """The id of the enrollment that enrolled it."""
+
+    def description(self) -> str:
+        """How step 2 of an appraisal names the key's trust."""
+        return (
+            f"enrolled by EK certificate ({self.ek_subject}, "
+            f"{self.enrolled.astimezone(UTC).strftime('%Y-%m-%d %H:%M:%SZ')})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ak_name": self.ak_name.hex(),
+            "node_id": self.node_id,
+            "ak_public": self.ak_public.hex(),
+            "ek_certificate_sha256": self.ek_certificate_sha256,
+            "ek_subject": self.ek_subject,
+            "enrolled": _rfc3339(self.enrolled),
+            "enrollment": self.enrollment,
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class Attestation:
     """What an attestation starts from (:meth:`Store.begin_attestation`)."""
 
@@ -556,6 +702,8 @@ class Attestation:
     """The reference set: name, latest version, digest."""
     node: NodeState
     """The node and its stored appraisal state."""
+    enrolled: EnrolledKey | None = None
+    """The enrolled key of the report's AK (asked for by its TPM name), if it is one."""
 
 
 def _rfc3339(t: datetime) -> str:
@@ -933,10 +1081,12 @@ class Store:
         reference: str,
         node: Callable[[Challenge], str],
         node_hint: str | None = None,
+        ak_name: bytes | None = None,
         now: datetime | None = None,
     ) -> Attestation:
         """Everything an appraisal needs, in one read: the challenge, the reference set's
-        latest version and the node's state (``node`` names the node from the challenge).
+        latest version, the node's state (``node`` names the node from the challenge) and,
+        given the TPM name of the report's AK (``ak_name``), its enrolled key if it is one.
 
         One statement reads them all when the node is the challenge's, or else
         ``node_hint`` (what ``node`` gives for a challenge that names no node);
@@ -952,7 +1102,12 @@ class Store:
         with self._tx(single=True) as conn:
             row = conn.execute(
                 _BEGIN_ATTESTATION,
-                {"p_nonce": key, "p_name": reference, "p_node": node_hint},
+                {
+                    "p_nonce": key,
+                    "p_name": reference,
+                    "p_node": node_hint,
+                    "p_ak": None if ak_name is None else bytes(ak_name).hex(),
+                },
             ).first()
             found = _consumable(key, None if row is None else _challenge(row), session, when)
             assert row is not None
@@ -975,7 +1130,20 @@ class Store:
                 state_row.key_id,
             )
         )
-        return Attestation(found, when, (reference, version, digest), state)
+        enrolled = (
+            None
+            if row.enrolled_ak_name is None
+            else EnrolledKey(
+                bytes.fromhex(row.enrolled_ak_name),
+                row.enrolled_node,
+                bytes.fromhex(row.enrolled_ak_public),
+                row.enrolled_ek_sha256,
+                row.enrolled_ek_subject,
+                row.enrolled_at,
+                row.enrolled_by,
+            )
+        )
+        return Attestation(found, when, (reference, version, digest), state, enrolled)
 
     def finish_attestation(
         self,
@@ -1323,6 +1491,184 @@ class Store:
             ).all()
         return [r.node_id for r in rows]
 
+    # -- enrollments -------------------------------------------------------------------------
+    def create_enrollment(
+        self,
+        *,
+        node_id: str,
+        ak_name: bytes,
+        ak_public: bytes,
+        ek_certificate_sha256: str,
+        ek_subject: str,
+        secret_sha256: bytes,
+        ttl: timedelta = DEFAULT_ENROLLMENT_TTL,
+        now: datetime | None = None,
+    ) -> Enrollment:
+        """Store a pending enrollment, activable once until ``now + ttl``.
+
+        ``secret_sha256`` is the SHA-256 digest of the credential's secret: the
+        store never sees the secret itself.
+        """
+        check_node_id(node_id)
+        if ttl <= timedelta(0):
+            raise ValueError("an enrollment's lifetime must be positive")
+        if len(secret_sha256) != 32:
+            raise ValueError("secret_sha256 is a SHA-256 digest (32 bytes)")
+        if not ak_name or len(ak_name) > _TPM_NAME_HEX // 2:
+            raise ValueError(f"ak_name: a TPM name of 1 to {_TPM_NAME_HEX // 2} bytes")
+        created = now or utc_now()
+        enrollment = Enrollment(
+            id=secrets.token_urlsafe(24),
+            node_id=node_id,
+            ak_name=bytes(ak_name),
+            ak_public=bytes(ak_public),
+            ek_certificate_sha256=ek_certificate_sha256,
+            ek_subject=ek_subject,
+            created=created,
+            expires=created + ttl,
+            state="pending",
+        )
+        with self._tx(write=True, single=True) as conn:
+            conn.execute(
+                enrollments_table.insert().values(
+                    id=enrollment.id,
+                    node_id=node_id,
+                    ak_name=enrollment.ak_name.hex(),
+                    ak_public=enrollment.ak_public.hex(),
+                    ek_certificate_sha256=ek_certificate_sha256,
+                    ek_subject=ek_subject,
+                    secret_sha256=bytes(secret_sha256).hex(),
+                    created=created,
+                    expires=enrollment.expires,
+                    state="pending",
+                    instance=self.instance,
+                )
+            )
+        return enrollment
+
+    def get_enrollment(self, enrollment_id: str) -> Enrollment | None:
+        with self._tx() as conn:
+            row = conn.execute(
+                select(enrollments_table).where(enrollments_table.c.id == enrollment_id)
+            ).first()
+        return None if row is None else _enrollment(row)
+
+    def activate_enrollment(
+        self, enrollment_id: str, secret: bytes, *, now: datetime | None = None
+    ) -> EnrolledKey:
+        """Spend enrollment ``enrollment_id`` with the credential's ``secret``; the enrolled key.
+
+        One transaction, its row locked (``SELECT ... FOR UPDATE`` on PostgreSQL, the
+        write lock on SQLite): of concurrent attempts, the first spends it and the others
+        find it spent. The right secret (SHA-256 digests compared with
+        :func:`hmac.compare_digest`) stores the AK as an enrolled key (replacing an
+        earlier enrollment of the same AK); a wrong one marks the enrollment
+        ``refused``. Raises :class:`EnrollmentError`: ``unknown``, ``expired``,
+        ``used`` (nothing changed), ``wrong-secret`` (the enrollment was spent).
+        """
+        when = now or utc_now()
+        presented = hashlib.sha256(bytes(secret)).digest()
+        short = f"enrollment {enrollment_id[:16]}"
+        refused = False
+        key: EnrolledKey | None = None
+        with self._tx(write=True) as conn:
+            row = conn.execute(
+                select(enrollments_table)
+                .where(enrollments_table.c.id == enrollment_id)
+                .with_for_update()
+            ).first()
+            if row is None:
+                raise EnrollmentError("unknown", f"{short}: no such enrollment")
+            if row.state != "pending":
+                at = "" if row.spent is None else f" at {_rfc3339(row.spent)}"
+                raise EnrollmentError("used", f"{short}: already activated{at} ({row.state})")
+            if row.expires <= when:
+                raise EnrollmentError("expired", f"{short}: expired at {_rfc3339(row.expires)}")
+            refused = not hmac.compare_digest(presented, bytes.fromhex(row.secret_sha256))
+            conn.execute(
+                update(enrollments_table)
+                .where(enrollments_table.c.id == enrollment_id)
+                .values(state="refused" if refused else "enrolled", spent=when)
+            )
+            if not refused:
+                key = EnrolledKey(
+                    ak_name=bytes.fromhex(row.ak_name),
+                    node_id=row.node_id,
+                    ak_public=bytes.fromhex(row.ak_public),
+                    ek_certificate_sha256=row.ek_certificate_sha256,
+                    ek_subject=row.ek_subject,
+                    enrolled=when,
+                    enrollment=row.id,
+                )
+                values = {
+                    "ak_name": row.ak_name,
+                    "node_id": key.node_id,
+                    "ak_public": row.ak_public,
+                    "ek_certificate_sha256": key.ek_certificate_sha256,
+                    "ek_subject": key.ek_subject,
+                    "enrolled": when,
+                    "enrollment": key.enrollment,
+                }
+                insert = (pg_insert if self.dialect == "postgresql" else sqlite_insert)(
+                    enrolled_keys_table
+                ).values(**values)
+                conn.execute(
+                    insert.on_conflict_do_update(
+                        index_elements=[enrolled_keys_table.c.ak_name],
+                        set_={k: v for k, v in values.items() if k != "ak_name"},
+                    )
+                )
+        if refused or key is None:
+            raise EnrollmentError(
+                "wrong-secret", f"{short}: the secret is not the credential's (enrollment spent)"
+            )
+        return key
+
+    def enrolled_key(self, ak_name: bytes) -> EnrolledKey | None:
+        """The enrolled key of TPM name ``ak_name``, if it is one."""
+        with self._tx(single=True) as conn:
+            row = conn.execute(_SELECT_ENROLLED_KEY, {"p_ak": bytes(ak_name).hex()}).first()
+        return None if row is None else _enrolled_key(row)
+
+    def enrolled_keys(self, node: str | None = None) -> list[EnrolledKey]:
+        """Every enrolled key (of node ``node``), oldest enrollment first."""
+        query = select(enrolled_keys_table).order_by(
+            enrolled_keys_table.c.enrolled, enrolled_keys_table.c.ak_name
+        )
+        if node is not None:
+            query = query.where(enrolled_keys_table.c.node_id == node)
+        with self._tx() as conn:
+            rows = conn.execute(query).all()
+        return [_enrolled_key(r) for r in rows]
+
+    def revoke_enrolled_key(self, ak_name: bytes) -> EnrolledKey | None:
+        """Delete the enrolled key of TPM name ``ak_name``; the key as it was, None if none."""
+        with self._tx(write=True) as conn:
+            row = conn.execute(
+                select(enrolled_keys_table)
+                .where(enrolled_keys_table.c.ak_name == bytes(ak_name).hex())
+                .with_for_update()
+            ).first()
+            if row is None:
+                return None
+            conn.execute(
+                enrolled_keys_table.delete().where(
+                    enrolled_keys_table.c.ak_name == bytes(ak_name).hex()
+                )
+            )
+        return _enrolled_key(row)
+
+    def purge_enrollments(self, *, expired_before: datetime) -> int:
+        """Delete enrollments that expired before ``expired_before`` without enrolling a key."""
+        with self._tx(write=True) as conn:
+            n = conn.execute(
+                enrollments_table.delete().where(
+                    (enrollments_table.c.expires < expired_before)
+                    & (enrollments_table.c.state != "enrolled")
+                )
+            ).rowcount
+        return int(n)
+
 
 def _challenge(row: Any) -> Challenge:
     return Challenge(
@@ -1332,6 +1678,33 @@ def _challenge(row: Any) -> Challenge:
         row.created,
         row.expires,
         row.consumed_at,
+    )
+
+
+def _enrollment(row: Any) -> Enrollment:
+    return Enrollment(
+        id=row.id,
+        node_id=row.node_id,
+        ak_name=bytes.fromhex(row.ak_name),
+        ak_public=bytes.fromhex(row.ak_public),
+        ek_certificate_sha256=row.ek_certificate_sha256,
+        ek_subject=row.ek_subject,
+        created=row.created,
+        expires=row.expires,
+        state=row.state,
+        spent=row.spent,
+    )
+
+
+def _enrolled_key(row: Any) -> EnrolledKey:
+    return EnrolledKey(
+        ak_name=bytes.fromhex(row.ak_name),
+        node_id=row.node_id,
+        ak_public=bytes.fromhex(row.ak_public),
+        ek_certificate_sha256=row.ek_certificate_sha256,
+        ek_subject=row.ek_subject,
+        enrolled=row.enrolled,
+        enrollment=row.enrollment,
     )
 
 
