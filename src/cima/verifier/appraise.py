@@ -692,6 +692,32 @@ class IMAFacts(NamedTuple):
 #: and the error's class.
 _SigOutcome = tuple[str, type[Exception]] | str | None
 
+
+def _signature_outcome(
+    cache: dict[tuple[bytes, bytes, str | None], _SigOutcome],
+    key: tuple[bytes, bytes, str | None],
+    verify: Callable[[], object],
+) -> _SigOutcome:
+    """What ``verify`` says of one signature over one digest, worked out once per ``key``."""
+    from cima.verifier.imasig import (
+        IMASignatureError,
+        IMASignatureParseError,
+        IMASignatureUnsupportedError,
+        UnknownKeyError,
+    )
+
+    if key not in cache:
+        try:
+            verify()
+        except (UnknownKeyError, IMASignatureUnsupportedError):
+            cache[key] = ""
+        except (IMASignatureError, IMASignatureParseError) as e:
+            cache[key] = (str(e), type(e))
+        else:
+            cache[key] = None
+    return cache[key]
+
+
 _unpack_u32 = struct.Struct("<I").unpack_from
 _TEMPLATE_IDS: dict[str, tuple[str, ...] | None] = {}
 _ALGORITHM_TEXT: dict[bytes, str] = {}
@@ -2157,26 +2183,14 @@ class _Appraisal:
         cache: dict[tuple[bytes, bytes, str | None], _SigOutcome],
     ) -> str:
         """``good``, ``bad`` (recorded), or ``unknown`` (no trusted key answers: use the digest)."""
-        from cima.verifier.imasig import (
-            IMASignatureError,
-            IMASignatureParseError,
-            IMASignatureUnsupportedError,
-            UnknownKeyError,
-        )
-
         assert facts.signature is not None
-        digest = facts.digest if facts.digest is not None else b""
-        key = (facts.signature, digest, facts.digest_type)
-        if key not in cache:
-            try:
-                keys.verify(facts.signature, digest, facts.algorithm, digest_type=facts.digest_type)
-            except (UnknownKeyError, IMASignatureUnsupportedError):
-                cache[key] = ""
-            except (IMASignatureError, IMASignatureParseError) as e:
-                cache[key] = (str(e), type(e))
-            else:
-                cache[key] = None
-        return self._signature_verdict(i, r, facts, cache[key], "file-signature")
+        sig, digest = facts.signature, facts.digest if facts.digest is not None else b""
+        outcome = _signature_outcome(
+            cache,
+            (sig, digest, facts.digest_type),
+            lambda: keys.verify(sig, digest, facts.algorithm, digest_type=facts.digest_type),
+        )
+        return self._signature_verdict(i, r, facts, outcome, "file-signature")
 
     def _ima_modsig(
         self,
@@ -2187,27 +2201,16 @@ class _Appraisal:
         cache: dict[tuple[bytes, bytes, str | None], _SigOutcome],
     ) -> str:
         """The appended signature's verdict, as :meth:`_ima_signature`'s."""
-        from cima.verifier.imasig import (
-            IMASignatureError,
-            IMASignatureParseError,
-            IMASignatureUnsupportedError,
-            UnknownKeyError,
-        )
         from cima.verifier.modsig import verify_modsig
 
         assert facts.modsig is not None
-        digest = facts.modsig_digest if facts.modsig_digest is not None else b""
-        key = (facts.modsig, digest, f"modsig:{facts.modsig_algorithm}")
-        if key not in cache:
-            try:
-                verify_modsig(facts.modsig, facts.modsig_algorithm or "", digest, keys)
-            except (UnknownKeyError, IMASignatureUnsupportedError):
-                cache[key] = ""
-            except (IMASignatureError, IMASignatureParseError) as e:
-                cache[key] = (str(e), type(e))
-            else:
-                cache[key] = None
-        return self._signature_verdict(i, r, facts, cache[key], "file-modsig")
+        sig, digest = facts.modsig, facts.modsig_digest if facts.modsig_digest is not None else b""
+        outcome = _signature_outcome(
+            cache,
+            (sig, digest, f"modsig:{facts.modsig_algorithm}"),
+            lambda: verify_modsig(sig, facts.modsig_algorithm or "", digest, keys),
+        )
+        return self._signature_verdict(i, r, facts, outcome, "file-modsig")
 
     def _signature_verdict(
         self, i: int, r: CELRecord, facts: IMAFacts, outcome: _SigOutcome, check: str

@@ -79,7 +79,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from cima.verifier.imasig import (
+from cima.verifier.imasig import (  # _HASHES: the digests a signature is checked with
+    _HASHES,
     IMASignatureError,
     IMASignatureParseError,
     IMASignatureUnsupportedError,
@@ -136,17 +137,6 @@ _DIGEST_BY_OID: Final[Mapping[str, str]] = {
     "1.2.643.7.1.1.2.3": "streebog512",
 }
 
-#: The digest algorithms a signature can be checked with.
-_HASHES: Final[Mapping[str, type[hashes.HashAlgorithm]]] = {
-    "sha1": hashes.SHA1,
-    "sha224": hashes.SHA224,
-    "sha256": hashes.SHA256,
-    "sha384": hashes.SHA384,
-    "sha512": hashes.SHA512,
-    "sha3_256": hashes.SHA3_256,
-    "sha3_384": hashes.SHA3_384,
-    "sha3_512": hashes.SHA3_512,
-}
 
 #: hashlib's names of the digests :func:`modsig_digest` computes.
 _HASHLIB: Final[Mapping[str, str]] = {

@@ -500,6 +500,18 @@ _OPERATOR_BEARER = HTTPBearer(
 )
 
 
+#: The 401 of an operator's request, as the API description gives it.
+_OPERATOR_401: dict[str, Any] = {
+    "description": "No operator token (no Authorization: Bearer), or a wrong one.",
+    "headers": {
+        "WWW-Authenticate": {
+            "description": f'Bearer realm="{OPERATOR_REALM}"',
+            "schema": {"type": "string"},
+        }
+    },
+}
+
+
 def _unauthorized(message: str) -> ServiceError:
     return ServiceError(
         401,
@@ -1727,16 +1739,7 @@ def create_app(service: VerifierService | None, *, close_store: bool = False) ->
         responses={
             **errors,
             201: {"model": Reference, "description": "A new version."},
-            401: {
-                "model": ErrorResponse,
-                "description": "No operator token (no Authorization: Bearer), or a wrong one.",
-                "headers": {
-                    "WWW-Authenticate": {
-                        "description": f'Bearer realm="{OPERATOR_REALM}"',
-                        "schema": {"type": "string"},
-                    }
-                },
-            },
+            401: {"model": ErrorResponse, **_OPERATOR_401},
             403: {
                 "model": ErrorResponse,
                 "description": "The instance takes no reference values (read_only): it has no "
@@ -1910,16 +1913,7 @@ def create_app(service: VerifierService | None, *, close_store: bool = False) ->
         response_model=EnrolledKeyModel,
         responses={
             **errors,
-            401: {
-                "model": ErrorResponse,
-                "description": "No operator token (no Authorization: Bearer), or a wrong one.",
-                "headers": {
-                    "WWW-Authenticate": {
-                        "description": f'Bearer realm="{OPERATOR_REALM}"',
-                        "schema": {"type": "string"},
-                    }
-                },
-            },
+            401: {"model": ErrorResponse, **_OPERATOR_401},
             403: {
                 "model": ErrorResponse,
                 "description": "The instance has no operator tokens (read_only).",
