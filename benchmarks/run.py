@@ -43,6 +43,9 @@ _COLUMNS = (
     ("p50_ms", "p50 ms", "{:.2f}"),
     ("p99_ms", "p99 ms", "{:.2f}"),
     ("rss_mb", "RSS MB", "{:.1f}"),
+    ("server_cpu_ms_per_request", "CPU ms/call", "{:.3f}"),
+    ("ratio_to_unbatched", "x unbatched", "{:.1f}"),
+    ("ratio_bound_one_core", "1-core bound", "{:.1f}"),
 )
 
 
