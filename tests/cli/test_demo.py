@@ -9,6 +9,7 @@ import pytest
 
 from cima.cli.main import main
 from cima.platform.swtpm import available
+from cima.verifier.reference import load_references
 
 
 @pytest.mark.parametrize("platform", ["tpm", "software"])
@@ -29,3 +30,13 @@ def test_demo_chain_affirms_then_contraindicates(
     assert "/usr/bin/containerd" in reasons and "--log-level debug" in reasons
     assert chain["run3"]["submods"]["system"] == "contraindicated"
     assert (tmp_path / "references.yaml").exists()
+    if platform == "tpm":
+        # On a TPM the attestation key is trusted through the EK certificate: the
+        # references list no key.
+        assert chain["enrolled"]["how"].startswith("enrolled by EK certificate")
+        assert chain["run2"]["attestation_key"] == chain["enrolled"]["how"]
+        refs = load_references((tmp_path / "references.yaml").read_text())
+        assert refs.trusted_keys == []
+    else:  # trusted by registration: the references list the key of run 1's bundle
+        assert "enrolled" not in chain
+        assert chain["run2"]["attestation_key"] == "bundle 0"

@@ -76,8 +76,9 @@ class _Service:
 
 
 @contextlib.contextmanager
-def _platform(kind: str, work: Path) -> Iterator[tuple[str, list[str]]]:
-    """Yield the platform's name and the agent's arguments to reach it."""
+def _platform(kind: str, work: Path) -> Iterator[tuple[str, list[str], Any]]:
+    """Yield the platform's name, the agent's arguments to reach it, and for swtpm its
+    manufactured state (whose local CA signed the EK certificate)."""
     from cima.platform import swtpm
 
     reason = swtpm.available()
@@ -86,11 +87,43 @@ def _platform(kind: str, work: Path) -> Iterator[tuple[str, list[str]]]:
     if kind == "software" or (kind == "auto" and reason):
         if reason:
             err.print(f"[yellow]swtpm cannot run here ({reason}): using the software platform[/]")
-        yield "software", ["--platform", "software", "--state-dir", str(work / "software")]
+        yield "software", ["--platform", "software", "--state-dir", str(work / "software")], None
         return
     manufactured = swtpm.SWTPM.manufacture(work / "swtpm-manufactured")
     with swtpm.SWTPM(manufactured, work / "swtpm") as server:
-        yield "tpm (swtpm)", ["--platform", "tpm", "--tcti", server.tcti]
+        yield "tpm (swtpm)", ["--platform", "tpm", "--tcti", server.tcti], manufactured
+
+
+def _enroll(client: Any, manufactured: Any) -> tuple[bytes, str]:
+    """Trust the agent's AK through the TPM's EK certificate, as the verifier service's
+    enrollment does: the chain up to the manufacturer's root (here swtpm's local CA), the
+    public areas, and a credential for the AK's name that only this TPM can activate."""
+    import hmac
+
+    from cryptography import x509
+
+    from cima.evidence.credential import (
+        check_ak_public,
+        check_ek_certificate,
+        check_ek_public,
+        make_credential,
+    )
+
+    e = client.get_enrollment()
+    if not e.ek_certificate:
+        raise PlatformError("the TPM has no EK certificate to enroll its AK with")
+    cert = x509.load_der_x509_certificate(e.ek_certificate)
+    root = x509.load_pem_x509_certificate(manufactured.root_ca_pem.read_bytes())
+    issuer = x509.load_pem_x509_certificate(manufactured.issuer_ca_pem.read_bytes())
+    check_ek_certificate(cert, [root], [issuer])
+    check_ek_public(e.ek, cert)
+    check_ak_public(e.ak)
+    secret = os.urandom(32)
+    blob, encrypted = make_credential(e.ek, e.ak_name, secret)
+    if not hmac.compare_digest(client.activate_credential(blob, encrypted), secret):
+        raise PlatformError("the TPM activated the credential to another secret")
+    subject = cert.issuer.rfc4514_string()
+    return e.ak_name, f"enrolled by EK certificate (issued by {subject})"
 
 
 @contextlib.contextmanager
@@ -149,8 +182,10 @@ def _step(quiet: bool, text: str) -> None:
 
 
 def _summary(result: Any) -> dict[str, Any]:
+    evidence = result.submods.get("evidence")
     return {
         "status": result.status,
+        "attestation_key": None if evidence is None else evidence.details.get("attestation_key"),
         "submods": {name: s.status for name, s in result.submods.items()},
         "failures": [
             {"submodule": f.submodule, "step": f.step, "reason": f.reason}
@@ -174,7 +209,7 @@ def _run(work: Path, platform: str, quiet: bool) -> dict[str, Any]:
     from cima.cli.verify import show
     from cima.client import CimaClient
     from cima.verifier.appraise import appraise
-    from cima.verifier.reference import create_references
+    from cima.verifier.reference import ReferenceValues, create_references
 
     report: dict[str, Any] = {"ok": False, "work": str(work)}
     if not CONTAINERD.exists() or shutil.which("containerd") is None:
@@ -183,7 +218,7 @@ def _run(work: Path, platform: str, quiet: bool) -> dict[str, Any]:
         return report
     service = _Service(work / "containerd")
     try:
-        with _platform(platform, work) as (name, platform_args):
+        with _platform(platform, work) as (name, platform_args, manufactured):
             report["platform"] = name
             _step(quiet, f"platform: {name}; system service: containerd; agent: default policy")
             service.start()
@@ -194,13 +229,28 @@ def _run(work: Path, platform: str, quiet: bool) -> dict[str, Any]:
                 nonce = os.urandom(32)
                 first = c.get_evidence(nonce)
                 refs = create_references([first], name="demo node, run 1")
+                enrolled: dict[bytes, str] | None = None
+                if manufactured is not None:
+                    _step(
+                        quiet,
+                        "enrollment: the attestation key is trusted through the TPM's EK "
+                        "certificate (credential activation), not listed in the references",
+                    )
+                    ak_name, how = _enroll(c, manufactured)
+                    enrolled = {ak_name: how}
+                    doc = refs.to_dict()
+                    doc["trusted_keys"] = []
+                    refs = ReferenceValues.model_validate(doc)
+                    report["enrolled"] = {"ak_name": ak_name.hex(), "how": how}
+                    if not quiet:
+                        out.print(f"AK {ak_name.hex()}: {how}")
                 (work / "references.yaml").write_text(refs.to_yaml())
                 if not quiet:
                     out.print(f"reference values written to {work / 'references.yaml'}")
 
                 _step(quiet, "run 2: new nonce, appraised against run 1's reference values")
                 nonce = os.urandom(32)
-                second = appraise(c.get_evidence(nonce), refs, nonce=nonce)
+                second = appraise(c.get_evidence(nonce), refs, nonce=nonce, enrolled_keys=enrolled)
                 if not quiet:
                     show(second)
 
@@ -211,7 +261,7 @@ def _run(work: Path, platform: str, quiet: bool) -> dict[str, Any]:
 
                 _step(quiet, "run 3: new nonce, appraised against the same reference values")
                 nonce = os.urandom(32)
-                third = appraise(c.get_evidence(nonce), refs, nonce=nonce)
+                third = appraise(c.get_evidence(nonce), refs, nonce=nonce, enrolled_keys=enrolled)
                 if not quiet:
                     show(third)
         report["run2"] = _summary(second)
