@@ -273,6 +273,26 @@ def test_an_enrolled_key_is_trusted_by_ek_certificate(
     )
     assert details["quote"] == "signature verified"
 
+    # The enrolled key speaks for its node only: an attestation naming another is refused.
+    ch = verifier.http.post("/v1/challenge", json={}).json()
+    raw = node.evidence(bytes.fromhex(ch["nonce"]))
+    impostor = verifier.http.post(
+        "/v1/attest",
+        content=raw,
+        params={"session": ch["session"], "node": "impostor"},
+        headers={"content-type": "application/json"},
+    )
+    assert impostor.status_code == 400, impostor.text
+    assert impostor.json()["error"] == "node-mismatch"
+    assert done["node_id"] in impostor.json()["detail"]
+    named = verifier.http.post(  # the nonce was left usable by the refusal
+        "/v1/attest",
+        content=raw,
+        params={"session": ch["session"], "node": done["node_id"]},
+        headers={"content-type": "application/json"},
+    )
+    assert named.status_code == 200 and named.json()["status"] == "affirming", named.text
+
     # Revocation is an operator's: without the token it is refused and changes nothing.
     path = f"/v1/enrollments/keys/{e.ak_name.hex()}"
     with httpx.Client(base_url=verifier.base, timeout=60) as anonymous:

@@ -103,7 +103,10 @@ refusal to activate a credential for a key that is not its own. An
 attestation whose report is a TPM quote reads, in the statement that reads its
 challenge, the enrolled key of its AK's TPM name (the name the appraisal's
 step 2 gives the AK of the bundle's ``ak_pem``), and the appraisal trusts it
-as ``enrolled by EK certificate (<EK subject>, <date>)``.
+as ``enrolled by EK certificate (<EK subject>, <date>)``. An enrolled key
+speaks for the node it was enrolled as: an attestation that names another
+node (its challenge's ``node_id`` or ``?node=``) is refused, 400
+``node-mismatch``, and changes nothing stored.
 
 Appraisal (:func:`cima.verifier.appraise.appraise`) is incremental: each
 node's appraisal state is kept in the store, tied to the report's signing key
@@ -841,6 +844,14 @@ class VerifierService:
         stored = started.node
         previous = stored.state if stored.key_id == pending.key_id else None
         enrolled = started.enrolled
+        named = started.challenge.node_id or pending.node
+        if enrolled is not None and named is not None and named != enrolled.node_id:
+            # An enrolled key speaks for the node it was enrolled as, and for no other.
+            raise ServiceError(
+                400,
+                "node-mismatch",
+                f"the attestation key is enrolled for node {enrolled.node_id!r}, not {named!r}",
+            )
         appraisal = self.appraiser(
             pending.bundle,
             references,
