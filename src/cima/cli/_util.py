@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from cima._files import read_bounded
 from cima.errors import CimaError
 
 #: Human output: tables and progress on stdout, diagnostics on stderr. When
@@ -44,19 +44,9 @@ def emit_json(obj: Any) -> None:
 
 def read_input(path: str, *, limit: int = MAX_INPUT) -> bytes:
     """Read a whole input file (``-`` is stdin), refusing one larger than ``limit``."""
-    if path == "-":
-        data = sys.stdin.buffer.read(limit + 1)
-    else:
-        p = Path(path)
-        try:
-            with p.open("rb") as f:
-                data = f.read(limit + 1)
-        except FileNotFoundError:
-            raise UsageError(f"{path}: no such file") from None
-        except IsADirectoryError:
-            raise UsageError(f"{path}: is a directory") from None
-        except OSError as e:
-            raise UsageError(f"{path}: cannot read: {e.strerror or e}") from e
+    if path != "-":
+        return read_bounded(path, limit, UsageError)
+    data = sys.stdin.buffer.read(limit + 1)
     if len(data) > limit:
         raise UsageError(f"{path}: larger than {limit} bytes")
     return data

@@ -167,6 +167,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
+from cima._files import read_bounded
 from cima.errors import CimaError, ParseError, UnsupportedFormatError
 from cima.evidence.bundle import EvidenceBundle, TDXQuoteReport, TPMQuoteReport
 from cima.evidence.bundle import loads as loads_json
@@ -469,17 +470,7 @@ def load_ek_roots(paths: Sequence[str | os.PathLike[str]]) -> tuple[x509.Certifi
     roots: list[x509.Certificate] = []
     for path in paths:
         name = os.fspath(path)
-        try:
-            with open(name, "rb") as f:
-                data = f.read(_MAX_ROOT_FILE + 1)
-        except FileNotFoundError:
-            raise EKRootError(f"{name}: no such file") from None
-        except IsADirectoryError:
-            raise EKRootError(f"{name}: is a directory") from None
-        except OSError as e:
-            raise EKRootError(f"{name}: cannot read: {e.strerror or e}") from None
-        if len(data) > _MAX_ROOT_FILE:
-            raise EKRootError(f"{name}: larger than {_MAX_ROOT_FILE} bytes")
+        data = read_bounded(name, _MAX_ROOT_FILE, EKRootError)
         try:
             found = x509.load_pem_x509_certificates(data)
         except ValueError as e:
